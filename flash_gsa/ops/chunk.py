@@ -43,7 +43,7 @@ def _varlen_layout(cu_seqlens: torch.Tensor, chunk: int):
 def _chunked(q, k, v, g, s, scale: float, hk, hv, chunk: int):
     """Dense batch whose T is a multiple of `chunk`. q [N,T,HQ,K]; k [N,T,H,K]; v [N,T,H,V]; g, s [N,T,H,M]."""
     N, T, HQ, K = q.shape
-    H, V, M = k.shape[2], v.shape[-1], g.shape[-1]
+    H, V = k.shape[2], v.shape[-1]
     G, nc, C = HQ // H, T // chunk, chunk
 
     # [N, H, nc, C, ...] layout; queries carry their group index G after H.
