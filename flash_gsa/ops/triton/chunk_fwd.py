@@ -1,0 +1,151 @@
+"""Forward kernels of the chunked GSA: chunk-local states, the scan across chunks, and the outputs.
+
+Layouts (all contiguous; T' = tokens of all sequences packed; NC = chunks of all sequences):
+    q [T', HQ, K], k [T', H, K], v [T', H, V], g, s [T', H, M], o [T', HQ, V]
+    b      [NC, H, C, M] fp32: cumulative log-gate inside each chunk (rows past a short chunk's end repeat its last)
+    b_last [NC, H, M]    fp32: log-decay over the whole chunk
+    S      [NC, H, M, K + V] fp32: both states side by side, slot-major: S[..., :K] = hk^T, S[..., K:] = hv.
+A chunk never straddles two sequences; `chunk_seq`/`chunk_start` give each chunk's sequence and first token.
+"""
+
+import triton
+import triton.language as tl
+
+from .intra import key_decay, row_of, value_decay
+
+
+@triton.jit
+def chunk_local_kernel(
+    k, v, g, s, b_buf, b_last, X, cu_seqlens, chunk_seq, chunk_start,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """One program per (chunk, kv-head). Reads g, s, k, v of the chunk. Writes b and b_last, and the chunk's own
+    contribution to the state entering the next chunk: X = w^T [k | v] with w = s * exp(b_last - b)."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    t0 = tl.load(chunk_start + c)
+    n_rows = tl.minimum(tl.load(cu_seqlens + tl.load(chunk_seq + c) + 1) - t0, C)
+    rows = tl.arange(0, C)
+    live = rows < n_rows
+    cm = tl.arange(0, M)
+    gs_off = (t0 + rows)[:, None] * (H * M) + h * M + cm[None, :]
+    gate = tl.load(g + gs_off, mask=live[:, None], other=0.0).to(tl.float32)
+    write = tl.load(s + gs_off, mask=live[:, None], other=0.0).to(tl.float32)
+
+    b = tl.cumsum(gate, axis=0)
+    tl.store(b_buf + ((c * H + h) * C + rows[:, None]) * M + cm[None, :], b)
+    last = row_of(b, C - 1, C)
+    tl.store(b_last + (c * H + h) * M + cm, last)
+    wt = tl.trans(write * tl.exp(last[None, :] - b)).to(k.dtype.element_ty)  # [M, C]
+
+    x_base = X + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=live[:, None] & (ck < K)[None, :])
+        tl.store(x_base + ck[None, :], tl.dot(wt, kt), mask=(ck < K)[None, :])
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=live[:, None] & (cv < V)[None, :])
+        tl.store(x_base + K + cv[None, :], tl.dot(wt, vt), mask=(cv < V)[None, :])
+
+
+@triton.jit
+def chunk_scan_kernel(
+    X, out, b_last, init, final, chunk_offsets,
+    H: tl.constexpr, G: tl.constexpr, M: tl.constexpr, KV: tl.constexpr, BN: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
+):
+    """One program per (column block of the state, sequence x kv-head), walking the sequence's chunks in order
+    (REVERSE: backwards). With x_c = the sum over the G heads of the group of X[c]:
+        out[c] = S;  S = S * exp(b_last[c]) + x_c       starting from S = init (or 0); final = S at the end.
+    Forward: X = chunk contributions, out = states entering each chunk (may alias X when G == 1).
+    Backward: X = state gradients from each chunk's outputs, out = gradients of the state leaving each chunk."""
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh % H
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cm = tl.arange(0, M)
+    off = cm[:, None] * KV + cols[None, :]
+    mask = (cols < KV)[None, :]
+    lo = tl.load(chunk_offsets + n)
+    hi = tl.load(chunk_offsets + n + 1)
+    if HAS_INIT:
+        S = tl.load(init + nh * M * KV + off, mask=mask, other=0.0)
+    else:
+        S = tl.zeros([M, BN], dtype=tl.float32)
+    for i in range(lo, hi):
+        c = lo + hi - 1 - i if REVERSE else i
+        x = tl.zeros([M, BN], dtype=tl.float32)
+        for j in tl.static_range(G):
+            x += tl.load(X + (c * H * G + h * G + j) * M * KV + off, mask=mask, other=0.0)
+        decay = tl.exp(tl.load(b_last + (c * H + h) * M + cm))
+        tl.store(out + (c * H + h) * M * KV + off, S, mask=mask)
+        S = S * decay[:, None] + x
+    tl.store(final + nh * M * KV + off, S, mask=mask)
+
+
+@triton.jit
+def logits_and_probs(
+    q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+):
+    """Pass 1 and the softmax for one chunk and query head: z = scale * (q @ hk) per token, p = softmax_M(z).
+    Returns z, p (zero on rows past the chunk's end), s, b, A = q k^T and the row pointers of s and b."""
+    rows = tl.arange(0, C)
+    live = rows < n_rows
+    cm = tl.arange(0, M)
+    s_rows = s + t0 * (H * M) + h * M
+    b_rows = b_buf + (c * H + h) * C * M
+    write = tl.load(s_rows + rows[:, None] * (H * M) + cm[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    b = tl.load(b_rows + rows[:, None] * M + cm[None, :])
+    s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
+
+    z_inter = tl.zeros([C, M], dtype=tl.float32)
+    A = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        kmask = live[:, None] & (ck < K)[None, :]
+        qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
+        kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        hk = tl.load(s_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(qt.dtype)  # [M, BK]
+        z_inter += tl.dot(qt, tl.trans(hk))
+        A += tl.dot(qt, tl.trans(kt))
+    z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB))
+    e = tl.exp(z - tl.max(z, axis=1)[:, None])
+    p = tl.where(live[:, None], e / tl.sum(e, axis=1)[:, None], 0.0)
+    return z, p, write, b, A, s_rows, b_rows
+
+
+@triton.jit
+def chunk_output_kernel(
+    q, k, v, s, b_buf, S, o, cu_seqlens, chunk_seq, chunk_start, scale,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """One program per (chunk, query head). Reads q, k, v, s of the chunk, b and the states S entering it.
+    Writes o = (p * exp(b)) @ hv + W @ v with W[i, j] = sum_m p_i s_j exp(b_i - b_j) (pass 2)."""
+    c = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // G
+    HQ: tl.constexpr = H * G
+    t0 = tl.load(chunk_start + c)
+    n_rows = tl.minimum(tl.load(cu_seqlens + tl.load(chunk_seq + c) + 1) - t0, C)
+    rows = tl.arange(0, C)
+    live = rows < n_rows
+    cm = tl.arange(0, M)
+
+    z, p, write, b, A, s_rows, b_rows = logits_and_probs(
+        q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale, H, HQ, K, V, M, C, SUB, BK
+    )
+    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB).to(v.dtype.element_ty)
+    pe = (p * tl.exp(b)).to(v.dtype.element_ty)
+    s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V) + K
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        vmask = live[:, None] & (cv < V)[None, :]
+        vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=vmask, other=0.0)
+        hv = tl.load(s_base + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(vt.dtype)  # [M, BV]
+        out = tl.dot(pe, hv) + tl.dot(W, vt)
+        tl.store(o + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], out.to(o.dtype.element_ty), mask=vmask)

@@ -1,0 +1,10 @@
+"""Every tunable of the Triton backend, in one place."""
+
+CHUNK = 64  # tokens per chunk: states are stored at chunk boundaries
+SUB = 16  # sub-chunk inside a chunk: pairs within one are taken exactly, across them through an anchor
+BLOCK_K = 64  # tile of the key dimension K in matrix products
+BLOCK_V = 64  # tile of the value dimension V
+BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
+
+NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4, "bwd_gate": 4}
+NUM_STAGES = {"local": 2, "output": 2, "bwd_query": 1, "bwd_kv": 2, "bwd_gate": 1}

@@ -1,0 +1,99 @@
+"""Intra-chunk building blocks shared by the forward and backward kernels.
+
+A chunk holds C tokens; b [C, M] is the cumulative log-gate inside it (non-increasing, <= 0; rows past the end of a
+short chunk repeat the last value). Every product below carries a decay exp(b[i, m] - b[j, m]) between a later row i
+and an earlier row j. It is never exponentiated as a whole over the chunk: rows are grouped in sub-chunks of SUB, an
+earlier sub-chunk is reached through the anchor beta = b at the last row before row i's sub-chunk, so that
+
+    exp(b_i - b_j) = exp(b_i - beta) * exp(beta - b_j)        both factors <= 1,
+
+and pairs inside one sub-chunk are taken exactly, one diagonal offset d at a time. No exponent is ever positive.
+
+The three forms:
+    value_decay(A, s)[i, m]   = sum_{j<=i} A[i, j] * s[j, m] * exp(b[i, m] - b[j, m])     (pass-1 logits, dp)
+    key_decay(x, s)[i, j]     = sum_m x[i, m] * s[j, m] * exp(b[i, m] - b[j, m]), j<=i    (pass-2 weights, dq)
+    value_decay_t(A, x)[j, m] = sum_{i>=j} A[i, j] * x[i, m] * exp(b[i, m] - b[j, m])     (ds)
+
+Register tensors hold whole chunks; rows that a diagonal step needs shifted by d are re-read from memory through the
+pointer arguments (`*_rows` point at row 0 of the chunk, `stride` is the row stride, `n_rows` masks the short last
+chunk). b always comes from the per-chunk scratch buffer, which has all C rows.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_of(x, r: tl.constexpr, C: tl.constexpr):
+    """Row r of a [C, N] register tensor, as [N]."""
+    rows = tl.arange(0, C)
+    return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
+
+
+@triton.jit
+def load_rows_shifted(base, shift: tl.constexpr, stride, n_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+    """x[i - shift] (shift > 0) or x[i + (-shift)] (shift < 0) within each sub-chunk; 0 where that row is outside
+    the sub-chunk or past n_rows. Returns the values (float32) and the mask."""
+    rows = tl.arange(0, C)
+    src = rows - shift
+    ok = ((rows % SUB) - shift >= 0) & ((rows % SUB) - shift < SUB) & (src < n_rows)
+    cols = tl.arange(0, M)
+    x = tl.load(base + src[:, None] * stride + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    return x, ok
+
+
+@triton.jit
+def value_decay(A, s, b, s_rows, s_stride, b_rows, n_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+    """out[i, m] = sum_{j<=i} A[i, j] s[j, m] exp(b[i, m] - b[j, m]). A [C, C]; s, b [C, M]; returns [C, M] fp32."""
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, C)
+    out = tl.zeros([C, M], dtype=tl.float32)
+    for I in tl.static_range(1, C // SUB):  # earlier sub-chunks, through the anchor of sub-chunk I
+        beta = row_of(b, I * SUB - 1, C)
+        key = tl.where(rows[:, None] < I * SUB, s * tl.exp(beta[None, :] - b), 0.0)
+        lift = tl.where((rows // SUB == I)[:, None], tl.exp(b - beta[None, :]), 0.0)
+        out += lift * tl.dot(A, key)
+    for d in tl.static_range(SUB):  # pairs (i, i - d) inside a sub-chunk
+        s_d, ok = load_rows_shifted(s_rows, d, s_stride, n_rows, C, M, SUB)
+        b_d, _ = load_rows_shifted(b_rows, d, M, C, C, M, SUB)
+        a_d = tl.sum(tl.where(cols[None, :] == rows[:, None] - d, A, 0.0), axis=1)
+        out += tl.where(ok[:, None], a_d[:, None] * s_d * tl.exp(b - b_d), 0.0)
+    return out
+
+
+@triton.jit
+def key_decay(x, s, b, s_rows, s_stride, b_rows, n_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+    """W[i, j] = sum_m x[i, m] s[j, m] exp(b[i, m] - b[j, m]) for j <= i, else 0. x, s, b [C, M]; returns [C, C]."""
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, C)
+    W = tl.zeros([C, C], dtype=tl.float32)
+    for I in tl.static_range(1, C // SUB):
+        beta = row_of(b, I * SUB - 1, C)
+        key = tl.where(rows[:, None] < I * SUB, s * tl.exp(beta[None, :] - b), 0.0)
+        xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
+        W += tl.dot(xq, tl.trans(key))
+    for d in tl.static_range(SUB):
+        s_d, ok = load_rows_shifted(s_rows, d, s_stride, n_rows, C, M, SUB)
+        b_d, _ = load_rows_shifted(b_rows, d, M, C, C, M, SUB)
+        w_d = tl.sum(tl.where(ok[:, None], x * s_d * tl.exp(b - b_d), 0.0), axis=1)
+        W += tl.where(cols[None, :] == rows[:, None] - d, w_d[:, None], 0.0)
+    return W
+
+
+@triton.jit
+def value_decay_t(A, x, b, x_rows, x_stride, b_rows, n_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+    """out[j, m] = sum_{i>=j} A[i, j] x[i, m] exp(b[i, m] - b[j, m]). A [C, C]; x, b [C, M]; returns [C, M] fp32."""
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, C)
+    out = tl.zeros([C, M], dtype=tl.float32)
+    for I in tl.static_range(1, C // SUB):  # later sub-chunk I reaching back to rows j before it
+        beta = row_of(b, I * SUB - 1, C)
+        xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
+        part = tl.dot(tl.trans(A), xq)
+        out += tl.where(rows[:, None] < I * SUB, tl.exp(beta[None, :] - b) * part, 0.0)
+    for d in tl.static_range(SUB):  # pairs (j + d, j) inside a sub-chunk
+        x_d, ok = load_rows_shifted(x_rows, -d, x_stride, n_rows, C, M, SUB)
+        b_d, _ = load_rows_shifted(b_rows, -d, M, C, C, M, SUB)
+        a_d = tl.sum(tl.where(rows[:, None] == cols[None, :] + d, A, 0.0), axis=0)
+        out += tl.where(ok[:, None], a_d[:, None] * x_d * tl.exp(b_d - b), 0.0)
+    return out
