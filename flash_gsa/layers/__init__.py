@@ -1,0 +1,44 @@
+"""Layers: token mixers (GSA, softmax attention) and the pieces of a block.
+
+Mixer contract. Every token mixer is an `nn.Module` built by a registry entry `MIXERS[name](config, layer_idx)` and has
+
+    forward(hidden_states, attention_mask=None, cu_seqlens=None, past_key_values=None, use_cache=False) -> output
+
+- `hidden_states` `[B, T, D]` -> `output` `[B, T, D]`; outputs at padding positions are zeros, and real tokens never
+  depend on padding or on other documents.
+- `attention_mask` `[B, T]` (1 = token, 0 = padding, anywhere in a row); a longer `[B, S]` mask (S >= T) is accepted
+  and only its last T columns are read. `cu_seqlens` `[N + 1]` int: N documents packed in one row (B == 1). Not both.
+  See `flash_gsa.layers.varlen` (checks, `unpad`/`repad`).
+- `past_key_values`: a `flash_gsa.models.GSACache`. The mixer reads its state from `past_key_values[layer_idx]`
+  (a `LayerState`), continuing those sequences; with `use_cache=True` it writes its new state back there, in place.
+  `use_cache=True` without a cache, or a cache with `layer_idx=None`, is a ValueError. (The model, not the mixer,
+  advances the cache's token count `seen_tokens`.)
+- `state_size(seq_len: int) -> int`: the numbers held per sequence in the mixer's recurrent state / KV cache after
+  `seq_len` tokens (GSA: 2 * H_kv * M * d_head; attention: 2 * seq_len * H_kv * d_head).
+- A classmethod `from_config(config, layer_idx)` is the usual registry builder.
+
+Adding a mixer = one new module implementing this contract + one line in `MIXERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .attention import Attention
+from .conv import ShortConvolution
+from .gsa import GatedSlotAttention
+from .mlp import SwiGLU
+from .norm import RMSNorm
+
+if TYPE_CHECKING:
+    from ..models.configuration_gsa import GSAConfig
+
+MIXERS: dict[str, Callable[[GSAConfig, int], nn.Module]] = {
+    "gsa": GatedSlotAttention.from_config,
+    "attention": Attention.from_config,
+}
+
+__all__ = ["MIXERS", "Attention", "GatedSlotAttention", "RMSNorm", "ShortConvolution", "SwiGLU"]

@@ -1,0 +1,164 @@
+"""Causal softmax attention with rotary position embeddings (Llama style), through PyTorch SDPA.
+
+Used for the hybrid layers of a GSA model (`GSAConfig.attn_layers`) and as the "attention" mixer (a Transformer++).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .varlen import check_mixer_inputs, document_positions, repad
+
+if TYPE_CHECKING:
+    from ..models.cache import GSACache
+    from ..models.configuration_gsa import GSAConfig
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotates `x [B, T, H, d]` by `positions [B, T]` (rotate-half convention, frequencies theta^(-2i/d))."""
+    d = x.shape[-1]
+    dt = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=dt) / d)
+    angles = positions.to(dt)[..., None] * inv_freq  # [B, T, d/2]
+    cos = torch.cat([angles.cos()] * 2, dim=-1)[:, :, None, :]
+    sin = torch.cat([angles.sin()] * 2, dim=-1)[:, :, None, :]
+    x = x.to(dt)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query when num_kv_heads < num_heads) causal softmax attention with RoPE.
+
+    Bias-free q, k, v, o projections; RoPE position = a token's index among the real (non-padding) tokens of its
+    sequence, restarting at every document with `cu_seqlens`, so padding never shifts positions. Padded batches and
+    decoding with a cache use an explicit boolean mask; a plain batch and packed documents use SDPA's causal kernel.
+
+    Args:
+        hidden_size: model width D.
+        num_heads: query heads; head dim = D / num_heads (must be even for RoPE).
+        num_kv_heads: key/value heads; default num_heads.
+        rope_theta: RoPE base.
+        layer_idx: this layer's key in the cache (needed to decode with one).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        rope_theta: float = 10000.0,
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if hidden_size < 1 or num_heads < 1 or num_kv_heads < 1:
+            raise ValueError(
+                f"hidden_size, num_heads and num_kv_heads must be >= 1, got {hidden_size}, {num_heads}, {num_kv_heads}"
+            )
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if (hidden_size // num_heads) % 2:
+            raise ValueError(f"the head dim ({hidden_size // num_heads}) must be even for RoPE")
+        if not rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
+        if layer_idx is not None and layer_idx < 0:
+            raise ValueError(f"layer_idx must be >= 0, got {layer_idx}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.rope_theta = rope_theta
+        self.layer_idx = layer_idx
+
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, kv_dim, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    @classmethod
+    def from_config(cls, config: GSAConfig, layer_idx: int) -> Attention:
+        """The mixer-registry builder: a layer with the config's attention settings (attn_num_heads, ...)."""
+        return cls(
+            hidden_size=config.hidden_size,
+            num_heads=config.attn_num_heads,
+            num_kv_heads=config.attn_num_kv_heads,
+            rope_theta=config.rope_theta,
+            layer_idx=layer_idx,
+        )
+
+    def state_size(self, seq_len: int) -> int:
+        """Numbers held per sequence in the KV cache after `seq_len` tokens: 2 * seq_len * H_kv * d_head."""
+        return 2 * seq_len * self.num_kv_heads * self.head_dim
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        past_key_values: GSACache | None = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor:
+        """`[B, T, D] -> [B, T, D]`; see `flash_gsa.layers` for the arguments. Padding positions come out as zeros."""
+        mask = check_mixer_inputs(
+            hidden_states, self.hidden_size, attention_mask, cu_seqlens, past_key_values, use_cache, self.layer_idx
+        )
+        if cu_seqlens is not None:
+            if past_key_values is not None:
+                raise ValueError("attention layers cannot combine cu_seqlens (packed documents) with a cache")
+            return self._forward_documents(hidden_states, cu_seqlens)
+        B, T, _ = hidden_states.shape
+        state = past_key_values[self.layer_idx] if past_key_values is not None else None
+        has_past = state is not None and state.keys is not None
+        real = mask if mask is not None else hidden_states.new_ones(B, T, dtype=torch.bool)
+        offset = state.key_mask.sum(dim=1, keepdim=True) if has_past else 0
+        positions = (offset + real.long().cumsum(dim=1) - 1).clamp(min=0)
+
+        q = self.q_proj(hidden_states).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(hidden_states).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(hidden_states).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q = apply_rotary(q, positions, self.rope_theta).to(q.dtype).transpose(1, 2)  # [B, H, T, d]
+        k = apply_rotary(k, positions, self.rope_theta).to(k.dtype).transpose(1, 2)
+        v = v.transpose(1, 2)
+
+        key_mask = real
+        if has_past:
+            k = torch.cat([state.keys, k], dim=2)
+            v = torch.cat([state.values, v], dim=2)
+            key_mask = torch.cat([state.key_mask, real], dim=1)
+        if use_cache:
+            state.keys, state.values, state.key_mask = k, v, key_mask
+
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if mask is None and not has_past:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            S = k.shape[2]
+            q_idx = torch.arange(S - T, S, device=q.device)[:, None]
+            k_idx = torch.arange(S, device=q.device)[None, :]
+            allowed = (k_idx <= q_idx) & key_mask[:, None, :]  # [B, T, S]
+            allowed = allowed | (k_idx == q_idx)  # a padding query sees itself, so no row is empty (output dropped)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        o = o.transpose(1, 2).flatten(-2)
+        if mask is not None:
+            o = o * mask[..., None].to(o.dtype)
+        return self.o_proj(o)
+
+    def _forward_documents(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Packed documents, computed as a right-padded batch with one document per row: plain causal attention is
+        then block-diagonal (a real token never reaches its row's trailing padding), RoPE restarts at every document,
+        and SDPA can use its causal kernel, without a [T, T] mask. Costs N * max_len instead of T token slots."""
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        width = int(lengths.max())
+        doc, pos = document_positions(cu_seqlens, hidden_states.shape[1])
+        index = doc * width + pos  # each token's slot in [N * width]
+        rows = repad(hidden_states, index, lengths.numel(), width)
+        return self(rows).flatten(0, 1)[index].unsqueeze(0)

@@ -1,0 +1,176 @@
+"""The Gated Slot Attention layer (Zhang et al., NeurIPS 2024), as in the released models."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import gsa
+from .conv import ShortConvolution
+from .norm import RMSNorm
+from .varlen import check_mixer_inputs, repad, unpad
+
+if TYPE_CHECKING:
+    from ..models.cache import GSACache
+    from ..models.configuration_gsa import GSAConfig
+
+FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
+
+
+class GatedSlotAttention(nn.Module):
+    """Gated Slot Attention token mixer.
+
+    Per token: bias-free projections q, k, v and the gate logits f (hidden -> num_kv_heads * num_slots);
+    optionally a short causal convolution on q, k and v; `feature_map` on q and k, SiLU on v;
+    log forget gate `g = logsigmoid(f) / gate_logit_normalizer` and write weight `s = 1 - exp(g)`; the GSA operator
+    with scale 1; output `o_proj(RMSNorm(SiLU(o)))`. The five projections start Xavier-uniform with gain 2^-2.5 (inside
+    `GSAForCausalLM`, the model's `_init_weights` rules apply instead).
+
+    Args:
+        hidden_size: model width D.
+        num_heads: query heads; head dim = D / num_heads.
+        num_kv_heads: key/value/gate heads (grouped-query when fewer than num_heads); default num_heads.
+        num_slots: memory slots M per kv head.
+        gate_logit_normalizer: tau in `g = logsigmoid(f) / tau`; larger keeps more memory.
+        feature_map: on q and k: "swish" (released models), "relu" or "identity".
+        use_short_conv: causal depthwise convolution (kernel `conv_size`) on the q, k and v projections.
+        conv_size: kernel size of that convolution (>= 2).
+        norm_eps: epsilon of the output RMSNorm.
+        layer_idx: this layer's key in the cache (needed to decode with one).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        num_slots: int = 64,
+        gate_logit_normalizer: float = 8,
+        feature_map: str = "swish",
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        norm_eps: float = 1e-5,
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if hidden_size < 1 or num_heads < 1 or num_kv_heads < 1:
+            raise ValueError(
+                f"hidden_size, num_heads and num_kv_heads must be >= 1, got {hidden_size}, {num_heads}, {num_kv_heads}"
+            )
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if not gate_logit_normalizer > 0:
+            raise ValueError(f"gate_logit_normalizer must be > 0, got {gate_logit_normalizer}")
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+        if conv_size < 2:
+            raise ValueError(f"conv_size must be >= 2, got {conv_size}")
+        if layer_idx is not None and layer_idx < 0:
+            raise ValueError(f"layer_idx must be >= 0, got {layer_idx}")
+
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.num_slots = num_slots
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.feature_map = feature_map
+        self.use_short_conv = use_short_conv
+        self.conv_size = conv_size
+        self.layer_idx = layer_idx
+
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, kv_dim, bias=False)
+        self.f_proj = nn.Linear(hidden_size, num_kv_heads * num_slots, bias=False)
+        if use_short_conv:
+            self.q_conv = ShortConvolution(hidden_size, conv_size)
+            self.k_conv = ShortConvolution(kv_dim, conv_size)
+            self.v_conv = ShortConvolution(kv_dim, conv_size)
+        self.g_norm = RMSNorm(hidden_size, eps=norm_eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.f_proj, self.o_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
+
+    @classmethod
+    def from_config(cls, config: GSAConfig, layer_idx: int) -> GatedSlotAttention:
+        """The mixer-registry builder: a layer with the config's GSA settings."""
+        return cls(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            num_slots=config.num_slots,
+            gate_logit_normalizer=config.gate_logit_normalizer,
+            feature_map=config.feature_map,
+            use_short_conv=config.use_short_conv,
+            conv_size=config.conv_size,
+            norm_eps=config.norm_eps,
+            layer_idx=layer_idx,
+        )
+
+    def state_size(self, seq_len: int) -> int:
+        """Numbers held per sequence between calls: 2 * H_kv * M * d_head (plus the conv windows with short conv)."""
+        size = 2 * self.num_kv_heads * self.num_slots * self.head_dim
+        if self.use_short_conv:
+            size += (self.conv_size - 1) * (self.hidden_size + 2 * self.num_kv_heads * self.head_dim)
+        return size
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        past_key_values: GSACache | None = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor:
+        """`[B, T, D] -> [B, T, D]`; see `flash_gsa.layers` for the arguments. Padding positions come out as zeros."""
+        mask = check_mixer_inputs(
+            hidden_states, self.hidden_size, attention_mask, cu_seqlens, past_key_values, use_cache, self.layer_idx
+        )
+        B, T, _ = hidden_states.shape
+        state = past_key_values[self.layer_idx] if past_key_values is not None else None
+
+        x, indices = hidden_states, None
+        if mask is not None:  # padded batch -> one packed row, one document per batch row
+            x, cu_seqlens, indices = unpad(hidden_states, mask)
+
+        q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
+        if self.use_short_conv:
+            windows = state.conv_state if state is not None else {}
+            q, q_win = self.q_conv(q, cu_seqlens, windows.get("q"))
+            k, k_win = self.k_conv(k, cu_seqlens, windows.get("k"))
+            v, v_win = self.v_conv(v, cu_seqlens, windows.get("v"))
+
+        phi = FEATURE_MAPS[self.feature_map]
+        q = phi(q.unflatten(-1, (self.num_heads, self.head_dim)))
+        k = phi(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        v = F.silu(v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        f = f.unflatten(-1, (self.num_kv_heads, self.num_slots))
+        g = F.logsigmoid(f.to(torch.promote_types(f.dtype, torch.float32))) / self.gate_logit_normalizer
+        s = -torch.expm1(g)  # = 1 - exp(g), without cancellation when g is close to 0
+
+        o, final_state = gsa(
+            q, k, v, g, s,
+            scale=1.0,
+            initial_state=state.recurrent_state if state is not None else None,
+            output_final_state=use_cache,
+            cu_seqlens=cu_seqlens,
+        )
+        if use_cache:
+            state.recurrent_state = final_state
+            if self.use_short_conv:
+                state.conv_state.update(q=q_win, k=k_win, v=v_win)
+
+        o = self.o_proj(self.g_norm(F.silu(o.flatten(-2))))
+        if indices is not None:
+            o = repad(o, indices, B, T)
+        return o

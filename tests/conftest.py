@@ -1,0 +1,17 @@
+"""Shared test setup. Without CUDA, Triton kernels run on CPU tensors through its interpreter, which must be switched
+on before anything imports triton: that happens here, before any test module is collected."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where Triton kernels run: CUDA when available, else the CPU through TRITON_INTERPRET=1."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
