@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import logits_and_probs
-from .intra import key_decay, value_decay, value_decay_t
+from .intra import fast_path_ok, key_decay, value_decay, value_decay_t
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def bwd_query_kernel(
     cols = tl.arange(0, C)
     live = rows < n_rows
     cm = tl.arange(0, M)
-    z, p, write, b, A, s_rows, b_rows = logits_and_probs(
+    z, p, write, b, A, s_rows, b_rows, fast = logits_and_probs(
         q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale, H, HQ, K, V, M, C, SUB, BK
     )
     s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
@@ -54,7 +54,7 @@ def bwd_query_kernel(
         hv = tl.load(s_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(dot_.dtype)
         dp_inter += tl.dot(dot_, tl.trans(hv))
         DV += tl.dot(dot_, tl.trans(vt))
-    dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB)
+    dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB)
     dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     dzs = scale * dz
     tok = (t0 + rows)[:, None] * (HQ * M) + hq * M + cm[None, :]
@@ -62,8 +62,8 @@ def bwd_query_kernel(
     tl.store(dzs_buf + tok, dzs, mask=live[:, None])
     tl.store(pz_buf + tok, p * dp + z * dz, mask=live[:, None])
 
-    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB)
-    Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB)
+    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB)
+    Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB)
     cc = (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :]
     tl.store(W_buf + cc, W)
     tl.store(Wd_buf + cc, Wd)
@@ -155,6 +155,7 @@ def bwd_gate_kernel(
     write = tl.load(s + gs_off, mask=live[:, None], other=0.0).to(tl.float32)
     b_rows = b_buf + (c * H + h) * C * M
     b = tl.load(b_rows + rows[:, None] * M + cm[None, :])
+    fast = fast_path_ok(b, C, SUB)
     last = tl.load(b_last + (c * H + h) * M + cm)
     d_base = D + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
 
@@ -192,8 +193,8 @@ def bwd_gate_kernel(
         tok = (t0 + rows)[:, None] * (HQ * M) + hq * M + cm[None, :]
         dzs = tl.load(dzs_buf + tok, mask=live[:, None], other=0.0)
         p = tl.load(p_buf + tok, mask=live[:, None], other=0.0)
-        grad_s += value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, C, M, SUB)
-        grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, C, M, SUB)
+        grad_s += value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB)
+        grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB)
         pz += tl.load(pz_buf + tok, mask=live[:, None], other=0.0)
 
     tl.store(ds + gs_off, grad_s.to(ds.dtype.element_ty), mask=live[:, None])

@@ -11,7 +11,7 @@ A chunk never straddles two sequences; `chunk_seq`/`chunk_start` give each chunk
 import triton
 import triton.language as tl
 
-from .intra import key_decay, row_of, value_decay
+from .intra import fast_path_ok, key_decay, row_of, value_decay
 
 
 @triton.jit
@@ -92,7 +92,8 @@ def logits_and_probs(
     C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
 ):
     """Pass 1 and the softmax for one chunk and query head: z = scale * (q @ hk) per token, p = softmax_M(z).
-    Returns z, p (zero on rows past the chunk's end), s, b, A = q k^T and the row pointers of s and b."""
+    Returns z, p (zero on rows past the chunk's end), s, b, A = q k^T, the row pointers of s and b, and whether
+    the fast intra-chunk path applies."""
     rows = tl.arange(0, C)
     live = rows < n_rows
     cm = tl.arange(0, M)
@@ -100,6 +101,7 @@ def logits_and_probs(
     b_rows = b_buf + (c * H + h) * C * M
     write = tl.load(s_rows + rows[:, None] * (H * M) + cm[None, :], mask=live[:, None], other=0.0).to(tl.float32)
     b = tl.load(b_rows + rows[:, None] * M + cm[None, :])
+    fast = fast_path_ok(b, C, SUB)
     s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
 
     z_inter = tl.zeros([C, M], dtype=tl.float32)
@@ -112,10 +114,10 @@ def logits_and_probs(
         hk = tl.load(s_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(qt.dtype)  # [M, BK]
         z_inter += tl.dot(qt, tl.trans(hk))
         A += tl.dot(qt, tl.trans(kt))
-    z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB))
+    z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB))
     e = tl.exp(z - tl.max(z, axis=1)[:, None])
     p = tl.where(live[:, None], e / tl.sum(e, axis=1)[:, None], 0.0)
-    return z, p, write, b, A, s_rows, b_rows
+    return z, p, write, b, A, s_rows, b_rows, fast
 
 
 @triton.jit
@@ -136,10 +138,10 @@ def chunk_output_kernel(
     live = rows < n_rows
     cm = tl.arange(0, M)
 
-    z, p, write, b, A, s_rows, b_rows = logits_and_probs(
+    z, p, write, b, A, s_rows, b_rows, fast = logits_and_probs(
         q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale, H, HQ, K, V, M, C, SUB, BK
     )
-    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB).to(v.dtype.element_ty)
+    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB).to(v.dtype.element_ty)
     pe = (p * tl.exp(b)).to(v.dtype.element_ty)
     s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V) + K
     for v0 in range(0, V, BV):

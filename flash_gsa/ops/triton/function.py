@@ -46,11 +46,16 @@ def chunk_layout(cu_seqlens: torch.Tensor, total_tokens: int, num_chunks: int | 
     return ChunkLayout(cu, offsets, chunk_seq.to(torch.int32), chunk_start.to(torch.int32), token_chunk, num_chunks)
 
 
+def empty(*shape: int, device, dtype) -> torch.Tensor:
+    """Every buffer and output of this backend is allocated here, so that tests can poison them (fill with NaN)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
 def _scan(X, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bool):
     """Runs chunk_scan_kernel; returns the [N, H, M, K + V] state after the last (first, if reverse) chunk."""
     M, KV = X.shape[-2], X.shape[-1]
     n_seq = layout.cu_seqlens.numel() - 1
-    final = X.new_empty(n_seq, H, M, KV)
+    final = empty(n_seq, H, M, KV, device=X.device, dtype=torch.float32)
     grid = (triton.cdiv(KV, config.BLOCK_SCAN), n_seq * H)
     chunk_scan_kernel[grid](
         X, out, b_last, init if init is not None else final, final, layout.chunk_offsets,
@@ -58,6 +63,12 @@ def _scan(X, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bo
         num_warps=config.NUM_WARPS["scan"],
     )
     return final
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-chunk states and pairwise weights are kept in bf16 for 16-bit inputs (their matrix products take 16-bit
+    operands anyway; every sum over chunks is carried in fp32 registers), in fp32 otherwise."""
+    return torch.bfloat16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:
@@ -71,9 +82,9 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     G, C, NC = HQ // H, config.CHUNK, layout.num_chunks
     BK, BV = _blocks(K, V)
     f32 = dict(device=q.device, dtype=torch.float32)
-    b = torch.empty(NC, H, C, M, **f32)
-    b_last = torch.empty(NC, H, M, **f32)
-    states = torch.empty(NC, H, M, K + V, **f32)
+    b = empty(NC, H, C, M, **f32)
+    b_last = empty(NC, H, M, **f32)
+    states = empty(NC, H, M, K + V, device=q.device, dtype=state_dtype(q.dtype))
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
     chunk_local_kernel[(NC, H)](
@@ -81,7 +92,7 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
         num_warps=config.NUM_WARPS["local"], num_stages=config.NUM_STAGES["local"],
     )
     final = _scan(states, states, b_last, init, layout, H, 1, reverse=False)
-    o = torch.empty(T, HQ, V, device=q.device, dtype=q.dtype)
+    o = empty(T, HQ, V, device=q.device, dtype=q.dtype)
     chunk_output_kernel[(NC, HQ)](
         q, k, v, s, b, states, o, *tables, scale, H=H, G=G, K=K, V=V, M=M, C=C, SUB=config.SUB, BK=BK, BV=BV,
         num_warps=config.NUM_WARPS["output"], num_stages=config.NUM_STAGES["output"],
@@ -99,26 +110,26 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     f32 = dict(device=q.device, dtype=torch.float32)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
-    dq = torch.empty_like(q)
-    p_buf, dzs_buf, pz_buf = (torch.empty(T, HQ, M, **f32) for _ in range(3))
-    W_buf, Wd_buf = (torch.empty(NC, HQ, C, C, **f32) for _ in range(2))
-    Y = torch.empty(NC, HQ, M, K + V, **f32)
+    dq = empty(*q.shape, device=q.device, dtype=q.dtype)
+    p_buf, dzs_buf, pz_buf = (empty(T, HQ, M, **f32) for _ in range(3))
+    W_buf, Wd_buf = (empty(NC, HQ, C, C, device=q.device, dtype=state_dtype(q.dtype)) for _ in range(2))
+    Y = empty(NC, HQ, M, K + V, device=q.device, dtype=state_dtype(q.dtype))
     bwd_query_kernel[(NC, HQ)](
         q, k, v, s, b, states, do, dq, p_buf, dzs_buf, pz_buf, W_buf, Wd_buf, Y, *tables, scale,
         H=H, G=G, K=K, V=V, M=M, C=C, SUB=config.SUB, BK=BK, BV=BV,
         num_warps=config.NUM_WARPS["bwd_query"], num_stages=config.NUM_STAGES["bwd_query"],
     )
-    D = Y if G == 1 else torch.empty(NC, H, M, K + V, **f32)
+    D = Y if G == 1 else empty(NC, H, M, K + V, device=q.device, dtype=Y.dtype)
     d_init = _scan(Y, D, b_last, d_final, layout, H, G, reverse=True)
 
-    dk, dv, ds = torch.empty_like(k), torch.empty_like(v), torch.empty_like(s)
+    dk, dv, ds = (empty(*x.shape, device=x.device, dtype=x.dtype) for x in (k, v, s))
     n_tiles = triton.cdiv(K, BK) + triton.cdiv(V, BV)
     bwd_kv_kernel[(NC, H, n_tiles)](
         q, s, b, b_last, D, do, W_buf, Wd_buf, dk, dv, *tables, H=H, G=G, K=K, V=V, M=M, C=C, BK=BK, BV=BV,
         num_warps=config.NUM_WARPS["bwd_kv"], num_stages=config.NUM_STAGES["bwd_kv"],
     )
-    dg_local = torch.empty(T, H, M, **f32)
-    dg_total = torch.empty(NC, H, M, **f32)
+    dg_local = empty(T, H, M, **f32)
+    dg_total = empty(NC, H, M, **f32)
     bwd_gate_kernel[(NC, H)](
         q, k, v, s, b, b_last, D, do, p_buf, dzs_buf, pz_buf, ds, dg_local, dg_total, *tables,
         H=H, G=G, K=K, V=V, M=M, C=C, SUB=config.SUB, BK=BK, BV=BV,

@@ -9,6 +9,11 @@ earlier sub-chunk is reached through the anchor beta = b at the last row before 
 
 and pairs inside one sub-chunk are taken exactly, one diagonal offset d at a time. No exponent is ever positive.
 
+Fast path: when no sub-chunk decays by more than FAST_DECAY_LIMIT in any slot (`fast_path_ok`; always so for the
+gates GSA produces in practice), the pairs inside sub-chunk I go through the same anchored matrix product as the
+earlier sub-chunks, under a causal mask: their key factor exp(beta - b_j) is then > 1 but below exp(FAST_DECAY_LIMIT),
+far from fp32's range. Otherwise the exact per-offset loop runs; both give the same values up to rounding.
+
 The three forms:
     value_decay(A, s)[i, m]   = sum_{j<=i} A[i, j] * s[j, m] * exp(b[i, m] - b[j, m])     (pass-1 logits, dp)
     key_decay(x, s)[i, j]     = sum_m x[i, m] * s[j, m] * exp(b[i, m] - b[j, m]), j<=i    (pass-2 weights, dq)
@@ -22,6 +27,10 @@ chunk). b always comes from the per-chunk scratch buffer, which has all C rows.
 import triton
 import triton.language as tl
 
+from . import config
+
+FAST_DECAY_LIMIT: tl.constexpr = config.FAST_DECAY_LIMIT
+
 
 @triton.jit
 def row_of(x, r: tl.constexpr, C: tl.constexpr):
@@ -31,7 +40,17 @@ def row_of(x, r: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def load_rows_shifted(base, shift: tl.constexpr, stride, n_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+def fast_path_ok(b, C: tl.constexpr, SUB: tl.constexpr):
+    """True when every row's decay since the start of its sub-chunk stays above -FAST_DECAY_LIMIT."""
+    rows = tl.arange(0, C)
+    anchor = tl.zeros_like(b)
+    for I in tl.static_range(1, C // SUB):
+        anchor += tl.where((rows // SUB == I)[:, None], row_of(b, I * SUB - 1, C)[None, :], 0.0)
+    return tl.min(tl.min(b - anchor, axis=1), axis=0) > -FAST_DECAY_LIMIT
+
+
+@triton.jit
+def load_rows_shifted(base, shift, stride, n_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
     """x[i - shift] (shift > 0) or x[i + (-shift)] (shift < 0) within each sub-chunk; 0 where that row is outside
     the sub-chunk or past n_rows. Returns the values (float32) and the mask."""
     rows = tl.arange(0, C)
@@ -43,57 +62,69 @@ def load_rows_shifted(base, shift: tl.constexpr, stride, n_rows, C: tl.constexpr
 
 
 @triton.jit
-def value_decay(A, s, b, s_rows, s_stride, b_rows, n_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+def value_decay(A, s, b, s_rows, s_stride, b_rows, n_rows, fast, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
     """out[i, m] = sum_{j<=i} A[i, j] s[j, m] exp(b[i, m] - b[j, m]). A [C, C]; s, b [C, M]; returns [C, M] fp32."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     out = tl.zeros([C, M], dtype=tl.float32)
-    for I in tl.static_range(1, C // SUB):  # earlier sub-chunks, through the anchor of sub-chunk I
+    if fast:
+        A = tl.where(cols[None, :] <= rows[:, None], A, 0.0)
+    for I in tl.static_range(C // SUB):  # through the anchor of sub-chunk I (beta = 0 for I = 0)
         beta = row_of(b, I * SUB - 1, C)
-        key = tl.where(rows[:, None] < I * SUB, s * tl.exp(beta[None, :] - b), 0.0)
+        reach = tl.where(fast, (I + 1) * SUB, I * SUB)
+        key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
         lift = tl.where((rows // SUB == I)[:, None], tl.exp(b - beta[None, :]), 0.0)
         out += lift * tl.dot(A, key)
-    for d in tl.static_range(SUB):  # pairs (i, i - d) inside a sub-chunk
-        s_d, ok = load_rows_shifted(s_rows, d, s_stride, n_rows, C, M, SUB)
-        b_d, _ = load_rows_shifted(b_rows, d, M, C, C, M, SUB)
-        a_d = tl.sum(tl.where(cols[None, :] == rows[:, None] - d, A, 0.0), axis=1)
-        out += tl.where(ok[:, None], a_d[:, None] * s_d * tl.exp(b - b_d), 0.0)
+    if not fast:
+        for d in range(SUB):  # pairs (i, i - d) inside a sub-chunk
+            s_d, ok = load_rows_shifted(s_rows, d, s_stride, n_rows, C, M, SUB)
+            b_d, _ = load_rows_shifted(b_rows, d, M, C, C, M, SUB)
+            a_d = tl.sum(tl.where(cols[None, :] == rows[:, None] - d, A, 0.0), axis=1)
+            out += tl.where(ok[:, None], a_d[:, None] * s_d * tl.exp(b - b_d), 0.0)
     return out
 
 
 @triton.jit
-def key_decay(x, s, b, s_rows, s_stride, b_rows, n_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+def key_decay(x, s, b, s_rows, s_stride, b_rows, n_rows, fast, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
     """W[i, j] = sum_m x[i, m] s[j, m] exp(b[i, m] - b[j, m]) for j <= i, else 0. x, s, b [C, M]; returns [C, C]."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     W = tl.zeros([C, C], dtype=tl.float32)
-    for I in tl.static_range(1, C // SUB):
+    for I in tl.static_range(C // SUB):
         beta = row_of(b, I * SUB - 1, C)
-        key = tl.where(rows[:, None] < I * SUB, s * tl.exp(beta[None, :] - b), 0.0)
+        reach = tl.where(fast, (I + 1) * SUB, I * SUB)
+        key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
         xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
         W += tl.dot(xq, tl.trans(key))
-    for d in tl.static_range(SUB):
-        s_d, ok = load_rows_shifted(s_rows, d, s_stride, n_rows, C, M, SUB)
-        b_d, _ = load_rows_shifted(b_rows, d, M, C, C, M, SUB)
-        w_d = tl.sum(tl.where(ok[:, None], x * s_d * tl.exp(b - b_d), 0.0), axis=1)
-        W += tl.where(cols[None, :] == rows[:, None] - d, w_d[:, None], 0.0)
+    if fast:
+        W = tl.where(cols[None, :] <= rows[:, None], W, 0.0)
+    else:
+        for d in range(SUB):
+            s_d, ok = load_rows_shifted(s_rows, d, s_stride, n_rows, C, M, SUB)
+            b_d, _ = load_rows_shifted(b_rows, d, M, C, C, M, SUB)
+            w_d = tl.sum(tl.where(ok[:, None], x * s_d * tl.exp(b - b_d), 0.0), axis=1)
+            W += tl.where(cols[None, :] == rows[:, None] - d, w_d[:, None], 0.0)
     return W
 
 
 @triton.jit
-def value_decay_t(A, x, b, x_rows, x_stride, b_rows, n_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+def value_decay_t(A, x, b, x_rows, x_stride, b_rows, n_rows, fast, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
     """out[j, m] = sum_{i>=j} A[i, j] x[i, m] exp(b[i, m] - b[j, m]). A [C, C]; x, b [C, M]; returns [C, M] fp32."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
     out = tl.zeros([C, M], dtype=tl.float32)
-    for I in tl.static_range(1, C // SUB):  # later sub-chunk I reaching back to rows j before it
+    if fast:
+        A = tl.where(cols[None, :] <= rows[:, None], A, 0.0)
+    for I in tl.static_range(C // SUB):  # sub-chunk I reaching back to the rows j before it (and into it, if fast)
         beta = row_of(b, I * SUB - 1, C)
+        reach = tl.where(fast, (I + 1) * SUB, I * SUB)
         xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
         part = tl.dot(tl.trans(A), xq)
-        out += tl.where(rows[:, None] < I * SUB, tl.exp(beta[None, :] - b) * part, 0.0)
-    for d in tl.static_range(SUB):  # pairs (j + d, j) inside a sub-chunk
-        x_d, ok = load_rows_shifted(x_rows, -d, x_stride, n_rows, C, M, SUB)
-        b_d, _ = load_rows_shifted(b_rows, -d, M, C, C, M, SUB)
-        a_d = tl.sum(tl.where(rows[:, None] == cols[None, :] + d, A, 0.0), axis=0)
-        out += tl.where(ok[:, None], a_d[:, None] * x_d * tl.exp(b_d - b), 0.0)
+        out += tl.where(rows[:, None] < reach, tl.exp(beta[None, :] - b) * part, 0.0)
+    if not fast:
+        for d in range(SUB):  # pairs (j + d, j) inside a sub-chunk
+            x_d, ok = load_rows_shifted(x_rows, -d, x_stride, n_rows, C, M, SUB)
+            b_d, _ = load_rows_shifted(b_rows, -d, M, C, C, M, SUB)
+            a_d = tl.sum(tl.where(rows[:, None] == cols[None, :] + d, A, 0.0), axis=0)
+            out += tl.where(ok[:, None], a_d[:, None] * x_d * tl.exp(b_d - b), 0.0)
     return out
