@@ -17,15 +17,39 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import logits_and_probs
-from .intra import fast_path_ok, key_decay, value_decay, value_decay_t
+from .intra import dot, fast_path_ok, key_decay, value_decay, value_decay_t
 
 
 @triton.jit
 def bwd_query_kernel(
-    q, k, v, s, b_buf, S, do, dq, p_buf, dzs_buf, pz_buf, W_buf, Wd_buf, Y,
-    cu_seqlens, chunk_seq, chunk_start, scale,
-    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q,
+    k,
+    v,
+    s,
+    b_buf,
+    S,
+    do,
+    dq,
+    p_buf,
+    dzs_buf,
+    pz_buf,
+    W_buf,
+    Wd_buf,
+    Y,
+    cu_seqlens,
+    chunk_seq,
+    chunk_start,
+    scale,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    M: tl.constexpr,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    LOWP: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """One program per (chunk, query head). Recomputes z and p, then writes dq and the buffers above."""
     c = tl.program_id(0)
@@ -39,7 +63,7 @@ def bwd_query_kernel(
     live = rows < n_rows
     cm = tl.arange(0, M)
     z, p, write, b, A, s_rows, b_rows, fast = logits_and_probs(
-        q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale, H, HQ, K, V, M, C, SUB, BK
+        q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale, H, HQ, K, V, M, C, SUB, BK, LOWP
     )
     s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
     y_base = Y + (c * HQ + hq) * M * (K + V) + cm[:, None] * (K + V)
@@ -52,9 +76,9 @@ def bwd_query_kernel(
         dot_ = tl.load(do + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], mask=vmask, other=0.0)
         vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=vmask, other=0.0)
         hv = tl.load(s_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(dot_.dtype)
-        dp_inter += tl.dot(dot_, tl.trans(hv))
-        DV += tl.dot(dot_, tl.trans(vt))
-    dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB)
+        dp_inter += dot(dot_, tl.trans(hv))
+        DV += dot(dot_, tl.trans(vt))
+    dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     dzs = scale * dz
     tok = (t0 + rows)[:, None] * (HQ * M) + hq * M + cm[None, :]
@@ -62,11 +86,11 @@ def bwd_query_kernel(
     tl.store(dzs_buf + tok, dzs, mask=live[:, None])
     tl.store(pz_buf + tok, p * dp + z * dz, mask=live[:, None])
 
-    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB)
-    Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB)
+    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
+    Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     cc = (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :]
-    tl.store(W_buf + cc, W)
-    tl.store(Wd_buf + cc, Wd)
+    tl.store(W_buf + cc, W.to(W_buf.dtype.element_ty))
+    tl.store(Wd_buf + cc, Wd.to(Wd_buf.dtype.element_ty))
 
     dze = (dzs * tl.exp(b)).to(q.dtype.element_ty)
     Wd = Wd.to(q.dtype.element_ty)
@@ -76,22 +100,40 @@ def bwd_query_kernel(
         qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
         kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
         hk = tl.load(s_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(qt.dtype)
-        dqt = tl.dot(dze, hk) + tl.dot(Wd, kt)
+        dqt = dot(dze, hk) + dot(Wd, kt)
         tl.store(dq + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], dqt.to(dq.dtype.element_ty), mask=kmask)
-        tl.store(y_base + ck[None, :], tl.dot(tl.trans(dze), qt), mask=(ck < K)[None, :])
+        tl.store(y_base + ck[None, :], dot(tl.trans(dze), qt).to(Y.dtype.element_ty), mask=(ck < K)[None, :])
     pe = tl.trans(p * tl.exp(b)).to(do.dtype.element_ty)
     for v0 in range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         vmask = live[:, None] & (cv < V)[None, :]
         dot_ = tl.load(do + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], mask=vmask, other=0.0)
-        tl.store(y_base + K + cv[None, :], tl.dot(pe, dot_), mask=(cv < V)[None, :])
+        tl.store(y_base + K + cv[None, :], dot(pe, dot_).to(Y.dtype.element_ty), mask=(cv < V)[None, :])
 
 
 @triton.jit
 def bwd_kv_kernel(
-    q, s, b_buf, b_last, D, do, W_buf, Wd_buf, dk, dv, cu_seqlens, chunk_seq, chunk_start,
-    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q,
+    s,
+    b_buf,
+    b_last,
+    D,
+    do,
+    W_buf,
+    Wd_buf,
+    dk,
+    dv,
+    cu_seqlens,
+    chunk_seq,
+    chunk_start,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    M: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """One program per (chunk, kv-head, tile of K or of V). Reads s, b, the state gradient D leaving the chunk, and
     for each query head of the group q or do and Wd or W. Writes one tile of dk = Wd^T q + w D_k^T or
@@ -115,31 +157,54 @@ def bwd_kv_kernel(
     if tile < NKT:
         ck = tile * BK + tl.arange(0, BK)
         kmask = live[:, None] & (ck < K)[None, :]
-        acc = tl.dot(w, tl.load(d_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(w.dtype))
+        acc = dot(w, tl.load(d_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(w.dtype))
         for j in range(G):
             hq = h * G + j
             Wd = tl.load(Wd_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :]).to(w.dtype)
             qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
-            acc += tl.dot(tl.trans(Wd), qt)
+            acc += dot(tl.trans(Wd), qt)
         tl.store(dk + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], acc.to(dk.dtype.element_ty), mask=kmask)
     else:
         cv = (tile - NKT) * BV + tl.arange(0, BV)
         vmask = live[:, None] & (cv < V)[None, :]
-        acc = tl.dot(w, tl.load(d_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(w.dtype))
+        acc = dot(w, tl.load(d_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(w.dtype))
         for j in range(G):
             hq = h * G + j
             W = tl.load(W_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :]).to(w.dtype)
             dot_ = tl.load(do + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], mask=vmask, other=0.0)
-            acc += tl.dot(tl.trans(W), dot_)
+            acc += dot(tl.trans(W), dot_)
         tl.store(dv + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], acc.to(dv.dtype.element_ty), mask=vmask)
 
 
 @triton.jit
 def bwd_gate_kernel(
-    q, k, v, s, b_buf, b_last, D, do, p_buf, dzs_buf, pz_buf, ds, dg_local, dg_total,
-    cu_seqlens, chunk_seq, chunk_start,
-    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q,
+    k,
+    v,
+    s,
+    b_buf,
+    b_last,
+    D,
+    do,
+    p_buf,
+    dzs_buf,
+    pz_buf,
+    ds,
+    dg_local,
+    dg_total,
+    cu_seqlens,
+    chunk_seq,
+    chunk_start,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    M: tl.constexpr,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    LOWP: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """One program per (chunk, kv-head). Reads q, k, v, do, s, b, D and the p/dzs/pz buffers of the group's query
     heads. Writes ds, the in-chunk reverse cumulative sum of db = sum_heads(p dp + z dz) - s * ds, and its total."""
@@ -164,12 +229,12 @@ def bwd_gate_kernel(
         ck = k0 + tl.arange(0, BK)
         kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=live[:, None] & (ck < K)[None, :])
         dk_out = tl.load(d_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(kt.dtype)
-        from_state += tl.dot(kt, tl.trans(dk_out))
+        from_state += dot(kt, tl.trans(dk_out))
     for v0 in range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=live[:, None] & (cv < V)[None, :])
         dv_out = tl.load(d_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(vt.dtype)
-        from_state += tl.dot(vt, tl.trans(dv_out))
+        from_state += dot(vt, tl.trans(dv_out))
     grad_s = from_state * tl.exp(last[None, :] - b)
 
     pz = tl.zeros([C, M], dtype=tl.float32)
@@ -181,20 +246,20 @@ def bwd_gate_kernel(
             kmask = live[:, None] & (ck < K)[None, :]
             qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
             kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
-            A += tl.dot(qt, tl.trans(kt))
+            A += dot(qt, tl.trans(kt))
         DV = tl.zeros([C, C], dtype=tl.float32)
         for v0 in range(0, V, BV):
             cv = v0 + tl.arange(0, BV)
             vmask = live[:, None] & (cv < V)[None, :]
             dot_ = tl.load(do + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], mask=vmask, other=0.0)
             vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=vmask, other=0.0)
-            DV += tl.dot(dot_, tl.trans(vt))
+            DV += dot(dot_, tl.trans(vt))
         head_rows = t0 * (HQ * M) + hq * M
         tok = (t0 + rows)[:, None] * (HQ * M) + hq * M + cm[None, :]
         dzs = tl.load(dzs_buf + tok, mask=live[:, None], other=0.0)
         p = tl.load(p_buf + tok, mask=live[:, None], other=0.0)
-        grad_s += value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB)
-        grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB)
+        grad_s += value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
+        grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
         pz += tl.load(pz_buf + tok, mask=live[:, None], other=0.0)
 
     tl.store(ds + gs_off, grad_s.to(ds.dtype.element_ty), mask=live[:, None])

@@ -11,14 +11,28 @@ A chunk never straddles two sequences; `chunk_seq`/`chunk_start` give each chunk
 import triton
 import triton.language as tl
 
-from .intra import fast_path_ok, key_decay, row_of, value_decay
+from .intra import dot, fast_path_ok, key_decay, row_of, value_decay
 
 
 @triton.jit
 def chunk_local_kernel(
-    k, v, g, s, b_buf, b_last, X, cu_seqlens, chunk_seq, chunk_start,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    k,
+    v,
+    g,
+    s,
+    b_buf,
+    b_last,
+    X,
+    cu_seqlens,
+    chunk_seq,
+    chunk_start,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    M: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """One program per (chunk, kv-head). Reads g, s, k, v of the chunk. Writes b and b_last, and the chunk's own
     contribution to the state entering the next chunk: X = w^T [k | v] with w = s * exp(b_last - b)."""
@@ -43,29 +57,41 @@ def chunk_local_kernel(
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=live[:, None] & (ck < K)[None, :])
-        tl.store(x_base + ck[None, :], tl.dot(wt, kt), mask=(ck < K)[None, :])
+        tl.store(x_base + ck[None, :], dot(wt, kt).to(X.dtype.element_ty), mask=(ck < K)[None, :])
     for v0 in range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=live[:, None] & (cv < V)[None, :])
-        tl.store(x_base + K + cv[None, :], tl.dot(wt, vt), mask=(cv < V)[None, :])
+        tl.store(x_base + K + cv[None, :], dot(wt, vt).to(X.dtype.element_ty), mask=(cv < V)[None, :])
 
 
 @triton.jit
 def chunk_scan_kernel(
-    X, out, b_last, init, final, chunk_offsets,
-    H: tl.constexpr, G: tl.constexpr, M: tl.constexpr, KV: tl.constexpr, BN: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
+    X,
+    out,
+    b_last,
+    init,
+    final,
+    chunk_offsets,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    M: tl.constexpr,
+    KV: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_INIT: tl.constexpr,
 ):
-    """One program per (column block of the state, sequence x kv-head), walking the sequence's chunks in order
-    (REVERSE: backwards). With x_c = the sum over the G heads of the group of X[c]:
+    """One program per (tile [BM slots, BN columns] of the state, sequence x kv-head), walking the sequence's chunks
+    in order (REVERSE: backwards). With x_c = the sum over the G heads of the group of X[c]:
         out[c] = S;  S = S * exp(b_last[c]) + x_c       starting from S = init (or 0); final = S at the end.
     Forward: X = chunk contributions, out = states entering each chunk (may alias X when G == 1).
-    Backward: X = state gradients from each chunk's outputs, out = gradients of the state leaving each chunk."""
-    nh = tl.program_id(1)
+    Backward: X = state gradients from each chunk's outputs, out = gradients of the state leaving each chunk.
+    The next chunk's x and decay are loaded before the current step, so one load is always in flight."""
+    nh = tl.program_id(2)
     n = nh // H
     h = nh % H
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    cm = tl.arange(0, M)
+    cm = tl.program_id(1) * BM + tl.arange(0, BM)
     off = cm[:, None] * KV + cols[None, :]
     mask = (cols < KV)[None, :]
     lo = tl.load(chunk_offsets + n)
@@ -73,23 +99,52 @@ def chunk_scan_kernel(
     if HAS_INIT:
         S = tl.load(init + nh * M * KV + off, mask=mask, other=0.0)
     else:
-        S = tl.zeros([M, BN], dtype=tl.float32)
+        S = tl.zeros([BM, BN], dtype=tl.float32)
+    c_next = hi - 1 if REVERSE else lo
+    live = lo < hi
+    x_next = tl.zeros([BM, BN], dtype=tl.float32)
+    for j in tl.static_range(G):
+        x_next += tl.load(X + (c_next * H * G + h * G + j) * M * KV + off, mask=mask & live, other=0.0).to(tl.float32)
+    d_next = tl.load(b_last + (c_next * H + h) * M + cm, mask=(cm < M) & live, other=0.0)
     for i in range(lo, hi):
-        c = lo + hi - 1 - i if REVERSE else i
-        x = tl.zeros([M, BN], dtype=tl.float32)
+        c = c_next
+        x = x_next
+        decay = tl.exp(d_next)
+        c_next = c - 1 if REVERSE else c + 1
+        more = i + 1 < hi
+        x_next = tl.zeros([BM, BN], dtype=tl.float32)
         for j in tl.static_range(G):
-            x += tl.load(X + (c * H * G + h * G + j) * M * KV + off, mask=mask, other=0.0)
-        decay = tl.exp(tl.load(b_last + (c * H + h) * M + cm))
-        tl.store(out + (c * H + h) * M * KV + off, S, mask=mask)
+            x_next += tl.load(X + (c_next * H * G + h * G + j) * M * KV + off, mask=mask & more, other=0.0).to(
+                tl.float32
+            )
+        d_next = tl.load(b_last + (c_next * H + h) * M + cm, mask=(cm < M) & more, other=0.0)
+        tl.store(out + (c * H + h) * M * KV + off, S.to(out.dtype.element_ty), mask=mask)
         S = S * decay[:, None] + x
     tl.store(final + nh * M * KV + off, S, mask=mask)
 
 
 @triton.jit
 def logits_and_probs(
-    q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale,
-    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+    q,
+    k,
+    s,
+    b_buf,
+    S,
+    c,
+    hq,
+    h,
+    t0,
+    n_rows,
+    scale,
+    H: tl.constexpr,
+    HQ: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    M: tl.constexpr,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     """Pass 1 and the softmax for one chunk and query head: z = scale * (q @ hk) per token, p = softmax_M(z).
     Returns z, p (zero on rows past the chunk's end), s, b, A = q k^T, the row pointers of s and b, and whether
@@ -112,9 +167,9 @@ def logits_and_probs(
         qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
         kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
         hk = tl.load(s_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(qt.dtype)  # [M, BK]
-        z_inter += tl.dot(qt, tl.trans(hk))
-        A += tl.dot(qt, tl.trans(kt))
-    z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB))
+        z_inter += dot(qt, tl.trans(hk))
+        A += dot(qt, tl.trans(kt))
+    z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP))
     e = tl.exp(z - tl.max(z, axis=1)[:, None])
     p = tl.where(live[:, None], e / tl.sum(e, axis=1)[:, None], 0.0)
     return z, p, write, b, A, s_rows, b_rows, fast
@@ -122,9 +177,27 @@ def logits_and_probs(
 
 @triton.jit
 def chunk_output_kernel(
-    q, k, v, s, b_buf, S, o, cu_seqlens, chunk_seq, chunk_start, scale,
-    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q,
+    k,
+    v,
+    s,
+    b_buf,
+    S,
+    o,
+    cu_seqlens,
+    chunk_seq,
+    chunk_start,
+    scale,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    M: tl.constexpr,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    BK: tl.constexpr,
+    LOWP: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """One program per (chunk, query head). Reads q, k, v, s of the chunk, b and the states S entering it.
     Writes o = (p * exp(b)) @ hv + W @ v with W[i, j] = sum_m p_i s_j exp(b_i - b_j) (pass 2)."""
@@ -139,9 +212,9 @@ def chunk_output_kernel(
     cm = tl.arange(0, M)
 
     z, p, write, b, A, s_rows, b_rows, fast = logits_and_probs(
-        q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale, H, HQ, K, V, M, C, SUB, BK
+        q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale, H, HQ, K, V, M, C, SUB, BK, LOWP
     )
-    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB).to(v.dtype.element_ty)
+    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP).to(v.dtype.element_ty)
     pe = (p * tl.exp(b)).to(v.dtype.element_ty)
     s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V) + K
     for v0 in range(0, V, BV):
@@ -149,5 +222,5 @@ def chunk_output_kernel(
         vmask = live[:, None] & (cv < V)[None, :]
         vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=vmask, other=0.0)
         hv = tl.load(s_base + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(vt.dtype)  # [M, BV]
-        out = tl.dot(pe, hv) + tl.dot(W, vt)
+        out = dot(pe, hv) + dot(W, vt)
         tl.store(o + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], out.to(o.dtype.element_ty), mask=vmask)

@@ -43,10 +43,26 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _gsa_decode_keys_kernel(
-    q, k, g, s, hk0, hk1, zp, cu_seqlens, scale, T,
-    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
-    BK: tl.constexpr, BM: tl.constexpr, NK: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    q,
+    k,
+    g,
+    s,
+    hk0,
+    hk1,
+    zp,
+    cu_seqlens,
+    scale,
+    T,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    M: tl.constexpr,
+    BK: tl.constexpr,
+    BM: tl.constexpr,
+    NK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
 ):
     """Key pass. Program (n, h, K-tile i): reads hk0[n, h, tile, :] (if HAS_H0), k[., h, tile], g and s[., h, :],
     q[., h*G:(h+1)*G, tile]; writes zp[t, h*G+j, i, :] = scale * q_tj[tile] @ hk_t[tile, :] for each step t and query
@@ -94,10 +110,27 @@ def _gsa_decode_keys_kernel(
 
 @triton.jit
 def _gsa_decode_values_kernel(
-    v, g, s, zp, o, hv0, hv1, cu_seqlens, T,
-    H: tl.constexpr, G: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    BV: tl.constexpr, BM: tl.constexpr, NK: tl.constexpr, BNK: tl.constexpr, NV: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    v,
+    g,
+    s,
+    zp,
+    o,
+    hv0,
+    hv1,
+    cu_seqlens,
+    T,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    V: tl.constexpr,
+    M: tl.constexpr,
+    BV: tl.constexpr,
+    BM: tl.constexpr,
+    NK: tl.constexpr,
+    BNK: tl.constexpr,
+    NV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
 ):
     """Value pass. Program (n, h, V-tile i): reads hv0[n, h, :, tile] (if HAS_H0), v[., h, tile], g and s[., h, :],
     the partial logits zp[., h*G:(h+1)*G, :, :]; writes o[t, h*G+j, tile] = softmax(sum of partials) @ hv_t[:, tile]
@@ -273,8 +306,18 @@ def fused_recurrent_gsa(
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     o = _empty((B, T, HQ, V), q.dtype, device)
     zp = _empty((B * T, HQ, NK, M), torch.float32, device)
-    common = dict(H=H, G=HQ // H, M=M, BM=BM, NK=NK, VARLEN=cu_seqlens is not None, HAS_H0=has_h0,
-                  STORE_FINAL=store_final, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    common = dict(
+        H=H,
+        G=HQ // H,
+        M=M,
+        BM=BM,
+        NK=NK,
+        VARLEN=cu_seqlens is not None,
+        HAS_H0=has_h0,
+        STORE_FINAL=store_final,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
+    )
     if N * H > 0:
         _gsa_decode_keys_kernel[(N * H * NK,)](
             q, k, g, s, hk0, hk1, zp, cu_seqlens, float(scale), T, K=K, BK=BK, **common

@@ -56,10 +56,23 @@ def _scan(X, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bo
     M, KV = X.shape[-2], X.shape[-1]
     n_seq = layout.cu_seqlens.numel() - 1
     final = empty(n_seq, H, M, KV, device=X.device, dtype=torch.float32)
-    grid = (triton.cdiv(KV, config.BLOCK_SCAN), n_seq * H)
+    BM = min(config.BLOCK_SCAN_M, M)
+    grid = (triton.cdiv(KV, config.BLOCK_SCAN), M // BM, n_seq * H)
     chunk_scan_kernel[grid](
-        X, out, b_last, init if init is not None else final, final, layout.chunk_offsets,
-        H=H, G=G, M=M, KV=KV, BN=config.BLOCK_SCAN, REVERSE=reverse, HAS_INIT=init is not None,
+        X,
+        out,
+        b_last,
+        init if init is not None else final,
+        final,
+        layout.chunk_offsets,
+        H=H,
+        G=G,
+        M=M,
+        KV=KV,
+        BM=BM,
+        BN=config.BLOCK_SCAN,
+        REVERSE=reverse,
+        HAS_INIT=init is not None,
         num_warps=config.NUM_WARPS["scan"],
     )
     return final
@@ -88,14 +101,48 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
     chunk_local_kernel[(NC, H)](
-        k, v, g, s, b, b_last, states, *tables, H=H, K=K, V=V, M=M, C=C, BK=BK, BV=BV,
-        num_warps=config.NUM_WARPS["local"], num_stages=config.NUM_STAGES["local"],
+        k,
+        v,
+        g,
+        s,
+        b,
+        b_last,
+        states,
+        *tables,
+        H=H,
+        K=K,
+        V=V,
+        M=M,
+        C=C,
+        BK=BK,
+        BV=BV,
+        num_warps=config.NUM_WARPS["local"],
+        num_stages=config.NUM_STAGES["local"],
     )
     final = _scan(states, states, b_last, init, layout, H, 1, reverse=False)
     o = empty(T, HQ, V, device=q.device, dtype=q.dtype)
     chunk_output_kernel[(NC, HQ)](
-        q, k, v, s, b, states, o, *tables, scale, H=H, G=G, K=K, V=V, M=M, C=C, SUB=config.SUB, BK=BK, BV=BV,
-        num_warps=config.NUM_WARPS["output"], num_stages=config.NUM_STAGES["output"],
+        q,
+        k,
+        v,
+        s,
+        b,
+        states,
+        o,
+        *tables,
+        scale,
+        H=H,
+        G=G,
+        K=K,
+        V=V,
+        M=M,
+        C=C,
+        SUB=config.SUB,
+        BK=BK,
+        BV=BV,
+        LOWP=q.dtype != torch.float32,
+        num_warps=config.NUM_WARPS["output"],
+        num_stages=config.NUM_STAGES["output"],
     )
     return o, final, (b, b_last, states)
 
@@ -115,9 +162,34 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     W_buf, Wd_buf = (empty(NC, HQ, C, C, device=q.device, dtype=state_dtype(q.dtype)) for _ in range(2))
     Y = empty(NC, HQ, M, K + V, device=q.device, dtype=state_dtype(q.dtype))
     bwd_query_kernel[(NC, HQ)](
-        q, k, v, s, b, states, do, dq, p_buf, dzs_buf, pz_buf, W_buf, Wd_buf, Y, *tables, scale,
-        H=H, G=G, K=K, V=V, M=M, C=C, SUB=config.SUB, BK=BK, BV=BV,
-        num_warps=config.NUM_WARPS["bwd_query"], num_stages=config.NUM_STAGES["bwd_query"],
+        q,
+        k,
+        v,
+        s,
+        b,
+        states,
+        do,
+        dq,
+        p_buf,
+        dzs_buf,
+        pz_buf,
+        W_buf,
+        Wd_buf,
+        Y,
+        *tables,
+        scale,
+        H=H,
+        G=G,
+        K=K,
+        V=V,
+        M=M,
+        C=C,
+        SUB=config.SUB,
+        BK=BK,
+        BV=BV,
+        LOWP=q.dtype != torch.float32,
+        num_warps=config.NUM_WARPS["bwd_query"],
+        num_stages=config.NUM_STAGES["bwd_query"],
     )
     D = Y if G == 1 else empty(NC, H, M, K + V, device=q.device, dtype=Y.dtype)
     d_init = _scan(Y, D, b_last, d_final, layout, H, G, reverse=True)
@@ -125,21 +197,64 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     dk, dv, ds = (empty(*x.shape, device=x.device, dtype=x.dtype) for x in (k, v, s))
     n_tiles = triton.cdiv(K, BK) + triton.cdiv(V, BV)
     bwd_kv_kernel[(NC, H, n_tiles)](
-        q, s, b, b_last, D, do, W_buf, Wd_buf, dk, dv, *tables, H=H, G=G, K=K, V=V, M=M, C=C, BK=BK, BV=BV,
-        num_warps=config.NUM_WARPS["bwd_kv"], num_stages=config.NUM_STAGES["bwd_kv"],
+        q,
+        s,
+        b,
+        b_last,
+        D,
+        do,
+        W_buf,
+        Wd_buf,
+        dk,
+        dv,
+        *tables,
+        H=H,
+        G=G,
+        K=K,
+        V=V,
+        M=M,
+        C=C,
+        BK=BK,
+        BV=BV,
+        num_warps=config.NUM_WARPS["bwd_kv"],
+        num_stages=config.NUM_STAGES["bwd_kv"],
     )
     dg_local = empty(T, H, M, **f32)
     dg_total = empty(NC, H, M, **f32)
     bwd_gate_kernel[(NC, H)](
-        q, k, v, s, b, b_last, D, do, p_buf, dzs_buf, pz_buf, ds, dg_local, dg_total, *tables,
-        H=H, G=G, K=K, V=V, M=M, C=C, SUB=config.SUB, BK=BK, BV=BV,
-        num_warps=config.NUM_WARPS["bwd_gate"], num_stages=config.NUM_STAGES["bwd_gate"],
+        q,
+        k,
+        v,
+        s,
+        b,
+        b_last,
+        D,
+        do,
+        p_buf,
+        dzs_buf,
+        pz_buf,
+        ds,
+        dg_local,
+        dg_total,
+        *tables,
+        H=H,
+        G=G,
+        K=K,
+        V=V,
+        M=M,
+        C=C,
+        SUB=config.SUB,
+        BK=BK,
+        BV=BV,
+        LOWP=q.dtype != torch.float32,
+        num_warps=config.NUM_WARPS["bwd_gate"],
+        num_stages=config.NUM_STAGES["bwd_gate"],
     )
     # dg_t = sum over later tokens of the same sequence; add what later chunks and the final state contribute.
     later = dg_total.double().flip(0).cumsum(0).flip(0)  # sum over chunks c' >= c, all sequences
     later = torch.cat([later, later.new_zeros(1, H, M)])
     next_first = layout.chunk_offsets[1:].long()[layout.chunk_seq.long()]
-    carry = later[: NC] - dg_total.double() - later[next_first]
+    carry = later[:NC] - dg_total.double() - later[next_first]
     if d_final is not None:
         carry = carry + (final * d_final).sum(-1).double()[layout.chunk_seq.long()]
     dg = dg_local + carry.float()[layout.token_chunk]

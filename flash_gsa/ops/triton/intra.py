@@ -19,17 +19,26 @@ The three forms:
     key_decay(x, s)[i, j]     = sum_m x[i, m] * s[j, m] * exp(b[i, m] - b[j, m]), j<=i    (pass-2 weights, dq)
     value_decay_t(A, x)[j, m] = sum_{i>=j} A[i, j] * x[i, m] * exp(b[i, m] - b[j, m])     (ds)
 
-Register tensors hold whole chunks; rows that a diagonal step needs shifted by d are re-read from memory through the
-pointer arguments (`*_rows` point at row 0 of the chunk, `stride` is the row stride, `n_rows` masks the short last
-chunk). b always comes from the per-chunk scratch buffer, which has all C rows.
+Products of two computed fp32 factors take bf16 operands for 16-bit inputs (LOWP): bf16 keeps fp32's exponent
+range, so the fast path's large key factors stay finite.
+
+Register tensors hold whole chunks; rows that a diagonal step needs shifted by d are re-read from memory through
+the pointer arguments (`*_rows` point at row 0 of the chunk, `stride` is the row stride, `n_rows` masks the short
+last chunk). b always comes from the per-chunk scratch buffer, which has all C rows.
 """
+
+import os
 
 import triton
 import triton.language as tl
 
 from . import config
 
-FAST_DECAY_LIMIT: tl.constexpr = config.FAST_DECAY_LIMIT
+# Triton 3.6's interpreter multiplies bf16 operands of tl.dot wrongly; bf16 products are exact in fp32, so under the
+# interpreter the operands are upcast, which computes the same thing.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+FAST_DECAY_LIMIT = tl.constexpr(config.FAST_DECAY_LIMIT)
 
 
 @triton.jit
@@ -37,6 +46,22 @@ def row_of(x, r: tl.constexpr, C: tl.constexpr):
     """Row r of a [C, N] register tensor, as [N]."""
     rows = tl.arange(0, C)
     return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
+
+
+@triton.jit
+def dot(a, b):
+    """a @ b on the tensor cores, fp32 accumulation."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def mm(a, b, LOWP: tl.constexpr):
+    """a @ b with fp32 accumulation; bf16 operands when LOWP (16-bit inputs), else fp32 (tf32 on tensor cores)."""
+    if LOWP:
+        return dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    return dot(a, b)
 
 
 @triton.jit
@@ -62,7 +87,20 @@ def load_rows_shifted(base, shift, stride, n_rows, C: tl.constexpr, M: tl.conste
 
 
 @triton.jit
-def value_decay(A, s, b, s_rows, s_stride, b_rows, n_rows, fast, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+def value_decay(
+    A,
+    s,
+    b,
+    s_rows,
+    s_stride,
+    b_rows,
+    n_rows,
+    fast,
+    C: tl.constexpr,
+    M: tl.constexpr,
+    SUB: tl.constexpr,
+    LOWP: tl.constexpr,
+):
     """out[i, m] = sum_{j<=i} A[i, j] s[j, m] exp(b[i, m] - b[j, m]). A [C, C]; s, b [C, M]; returns [C, M] fp32."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
@@ -74,7 +112,7 @@ def value_decay(A, s, b, s_rows, s_stride, b_rows, n_rows, fast, C: tl.constexpr
         reach = tl.where(fast, (I + 1) * SUB, I * SUB)
         key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
         lift = tl.where((rows // SUB == I)[:, None], tl.exp(b - beta[None, :]), 0.0)
-        out += lift * tl.dot(A, key)
+        out += lift * mm(A, key, LOWP)
     if not fast:
         for d in range(SUB):  # pairs (i, i - d) inside a sub-chunk
             s_d, ok = load_rows_shifted(s_rows, d, s_stride, n_rows, C, M, SUB)
@@ -85,7 +123,20 @@ def value_decay(A, s, b, s_rows, s_stride, b_rows, n_rows, fast, C: tl.constexpr
 
 
 @triton.jit
-def key_decay(x, s, b, s_rows, s_stride, b_rows, n_rows, fast, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+def key_decay(
+    x,
+    s,
+    b,
+    s_rows,
+    s_stride,
+    b_rows,
+    n_rows,
+    fast,
+    C: tl.constexpr,
+    M: tl.constexpr,
+    SUB: tl.constexpr,
+    LOWP: tl.constexpr,
+):
     """W[i, j] = sum_m x[i, m] s[j, m] exp(b[i, m] - b[j, m]) for j <= i, else 0. x, s, b [C, M]; returns [C, C]."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
@@ -95,7 +146,7 @@ def key_decay(x, s, b, s_rows, s_stride, b_rows, n_rows, fast, C: tl.constexpr, 
         reach = tl.where(fast, (I + 1) * SUB, I * SUB)
         key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
         xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
-        W += tl.dot(xq, tl.trans(key))
+        W += mm(xq, tl.trans(key), LOWP)
     if fast:
         W = tl.where(cols[None, :] <= rows[:, None], W, 0.0)
     else:
@@ -108,7 +159,20 @@ def key_decay(x, s, b, s_rows, s_stride, b_rows, n_rows, fast, C: tl.constexpr, 
 
 
 @triton.jit
-def value_decay_t(A, x, b, x_rows, x_stride, b_rows, n_rows, fast, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+def value_decay_t(
+    A,
+    x,
+    b,
+    x_rows,
+    x_stride,
+    b_rows,
+    n_rows,
+    fast,
+    C: tl.constexpr,
+    M: tl.constexpr,
+    SUB: tl.constexpr,
+    LOWP: tl.constexpr,
+):
     """out[j, m] = sum_{i>=j} A[i, j] x[i, m] exp(b[i, m] - b[j, m]). A [C, C]; x, b [C, M]; returns [C, M] fp32."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
@@ -119,7 +183,7 @@ def value_decay_t(A, x, b, x_rows, x_stride, b_rows, n_rows, fast, C: tl.constex
         beta = row_of(b, I * SUB - 1, C)
         reach = tl.where(fast, (I + 1) * SUB, I * SUB)
         xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
-        part = tl.dot(tl.trans(A), xq)
+        part = mm(tl.trans(A), xq, LOWP)
         out += tl.where(rows[:, None] < reach, tl.exp(beta[None, :] - b) * part, 0.0)
     if not fast:
         for d in range(SUB):  # pairs (j + d, j) inside a sub-chunk
