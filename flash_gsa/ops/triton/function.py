@@ -140,7 +140,7 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
         SUB=config.SUB,
         BK=BK,
         BV=BV,
-        LOWP=q.dtype != torch.float32,
+        LOWP=config.LOWP_BACKWARD and q.dtype != torch.float32,
         num_warps=config.NUM_WARPS["output"],
         num_stages=config.NUM_STAGES["output"],
     )
@@ -187,7 +187,7 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
         SUB=config.SUB,
         BK=BK,
         BV=BV,
-        LOWP=q.dtype != torch.float32,
+        LOWP=config.LOWP_BACKWARD and q.dtype != torch.float32,
         num_warps=config.NUM_WARPS["bwd_query"],
         num_stages=config.NUM_STAGES["bwd_query"],
     )
@@ -246,7 +246,7 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
         SUB=config.SUB,
         BK=BK,
         BV=BV,
-        LOWP=q.dtype != torch.float32,
+        LOWP=config.LOWP_BACKWARD and q.dtype != torch.float32,
         num_warps=config.NUM_WARPS["bwd_gate"],
         num_stages=config.NUM_STAGES["bwd_gate"],
     )
