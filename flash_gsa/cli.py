@@ -134,7 +134,20 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_generate, _add_plot]
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (`gsa bench op --help`)", description="Run a benchmark.")
+    p.add_argument("name", choices=("op",), help="op: the GSA operator against its peers")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench.op import main as bench_op
+
+    return bench_op(args.args)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_generate, _add_plot, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
