@@ -3,6 +3,7 @@
     gsa train --preset tiny --out runs/demo [--steps N] [--data PATH] [--device cpu] [--set model.hidden_size=256]
     gsa generate runs/demo --prompt "It was"
     gsa plot runs/a runs/b --out curves.png
+    gsa mqar [--quick] [--budget-s 480] [--workers 4]
 
 Adding a subcommand: write `_add_<name>(subparsers)` that adds its parser and sets `run=<handler>`, and list it in
 `COMMANDS`. A handler takes the parsed arguments and returns an exit code.
@@ -147,7 +148,46 @@ def _run_bench(args: argparse.Namespace) -> int:
     return bench_op(args.args)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_generate, _add_plot, _add_bench]
+def _add_mqar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mqar",
+        help="recall benchmark: MQAR accuracy of gsa, gla, abc and attention",
+        description="Train small models of each mixer on multi-query associative recall over a grid (settings x "
+        "d_model x learning rate); write mqar_<device>.json/.png/.md. Unset flags take the grid's defaults "
+        "(flash_gsa.eval.recall.MQARGrid, or QUICK_GRID with --quick).",
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny grid that runs in minutes on a CPU")
+    p.add_argument("--settings", nargs="+", metavar="T:PAIRS", help="sequence lengths and key-value pairs")
+    p.add_argument("--d-models", nargs="+", type=int, metavar="D")
+    p.add_argument("--mixers", nargs="+", metavar="MIXER", help="among attention, gsa, gla, abc")
+    p.add_argument("--lrs", nargs="+", type=float, metavar="LR", help="learning rates (the best one per cell is kept)")
+    for flag, kind in (("--vocab-size", int), ("--steps", int), ("--batch-size", int), ("--eval-examples", int),
+                       ("--workers", int), ("--seed", int), ("--budget-s", float), ("--target-accuracy", float)):
+        p.add_argument(flag, type=kind)
+    p.add_argument("--set", action="append", default=[], metavar="MIXER.FIELD=VALUE",
+                   help="a GSAConfig field for one mixer's models, e.g. gsa.gate_logit_normalizer=4; repeatable")
+    p.add_argument("--device", help="torch device; default cuda if available, else cpu")
+    p.add_argument("--results-dir", default=None, help="where to write (default benchmarks/results)")
+    p.set_defaults(run=_run_mqar)
+
+
+def _run_mqar(args: argparse.Namespace) -> int:
+    from .eval.recall import grid_from_options, run_mqar
+
+    options = {k: getattr(args, k) for k in ("settings", "d_models", "mixers", "lrs", "vocab_size", "steps",
+                                             "batch_size", "eval_examples", "workers", "seed", "budget_s",
+                                             "target_accuracy")}
+    grid = grid_from_options(args.quick, options, args.set)
+    kwargs = {} if args.results_dir is None else {"results_dir": args.results_dir}
+    payload = run_mqar(grid, device=args.device, quick=args.quick, **kwargs)
+    print(payload["markdown"])
+    print("\n".join(payload["files"]))
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_generate, _add_plot, _add_bench, _add_mqar
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

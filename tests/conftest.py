@@ -9,6 +9,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The tests use tiny tensors: on the 2-core CI machine one intra-op thread is several times faster than two.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

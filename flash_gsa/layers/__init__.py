@@ -1,4 +1,4 @@
-"""Layers: token mixers (GSA, softmax attention) and the pieces of a block.
+"""Layers: token mixers (GSA; the baselines ABC, GLA and softmax attention) and the pieces of a block.
 
 Mixer contract. Every token mixer is an `nn.Module` built by a registry entry `MIXERS[name](config, layer_idx)` and has
 
@@ -14,7 +14,8 @@ Mixer contract. Every token mixer is an `nn.Module` built by a registry entry `M
   `use_cache=True` without a cache, or a cache with `layer_idx=None`, is a ValueError. (The model, not the mixer,
   advances the cache's token count `seen_tokens`.)
 - `state_size(seq_len: int) -> int`: the numbers held per sequence in the mixer's recurrent state / KV cache after
-  `seq_len` tokens (GSA: 2 * H_kv * M * d_head; attention: 2 * seq_len * H_kv * d_head).
+  `seq_len` tokens (GSA: 2 * H_kv * M * d_head; ABC: that + H_kv * M; GLA: H * d_k * d_v; attention:
+  2 * seq_len * H_kv * d_head).
 - A classmethod `from_config(config, layer_idx)` is the usual registry builder.
 
 Adding a mixer = one new module implementing this contract + one line in `MIXERS`.
@@ -27,8 +28,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .abc import ABCAttention
 from .attention import Attention
 from .conv import ShortConvolution
+from .gla import GatedLinearAttention
 from .gsa import GatedSlotAttention
 from .mlp import SwiGLU
 from .norm import RMSNorm
@@ -38,7 +41,12 @@ if TYPE_CHECKING:
 
 MIXERS: dict[str, Callable[[GSAConfig, int], nn.Module]] = {
     "gsa": GatedSlotAttention.from_config,
+    "abc": ABCAttention.from_config,
+    "gla": GatedLinearAttention.from_config,
     "attention": Attention.from_config,
 }
 
-__all__ = ["MIXERS", "Attention", "GatedSlotAttention", "RMSNorm", "ShortConvolution", "SwiGLU"]
+__all__ = [
+    "MIXERS", "ABCAttention", "Attention", "GatedLinearAttention", "GatedSlotAttention", "RMSNorm", "ShortConvolution",
+    "SwiGLU",
+]

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .varlen import check_mixer_inputs, document_positions, repad
+from .conv import ShortConvolution
+from .varlen import check_mixer_inputs, document_positions, repad, unpad
 
 if TYPE_CHECKING:
     from ..models.cache import GSACache
@@ -43,6 +44,9 @@ class Attention(nn.Module):
         num_heads: query heads; head dim = D / num_heads (must be even for RoPE).
         num_kv_heads: key/value heads; default num_heads.
         rope_theta: RoPE base.
+        use_short_conv: causal depthwise convolution (kernel `conv_size`) on the q, k and v projections, over each
+            sequence's real tokens (as in the recurrent mixers; used by the MQAR benchmark for equal footing).
+        conv_size: kernel size of that convolution (>= 2).
         layer_idx: this layer's key in the cache (needed to decode with one).
     """
 
@@ -52,6 +56,8 @@ class Attention(nn.Module):
         num_heads: int,
         num_kv_heads: int | None = None,
         rope_theta: float = 10000.0,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
         layer_idx: int | None = None,
     ) -> None:
         super().__init__()
@@ -68,6 +74,8 @@ class Attention(nn.Module):
             raise ValueError(f"the head dim ({hidden_size // num_heads}) must be even for RoPE")
         if not rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
+        if conv_size < 2:
+            raise ValueError(f"conv_size must be >= 2, got {conv_size}")
         if layer_idx is not None and layer_idx < 0:
             raise ValueError(f"layer_idx must be >= 0, got {layer_idx}")
         self.hidden_size = hidden_size
@@ -75,6 +83,8 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.rope_theta = rope_theta
+        self.use_short_conv = use_short_conv
+        self.conv_size = conv_size
         self.layer_idx = layer_idx
 
         kv_dim = num_kv_heads * self.head_dim
@@ -82,21 +92,32 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, kv_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, kv_dim, bias=False)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if use_short_conv:
+            self.q_conv = ShortConvolution(hidden_size, conv_size)
+            self.k_conv = ShortConvolution(kv_dim, conv_size)
+            self.v_conv = ShortConvolution(kv_dim, conv_size)
 
     @classmethod
     def from_config(cls, config: GSAConfig, layer_idx: int) -> Attention:
-        """The mixer-registry builder: a layer with the config's attention settings (attn_num_heads, ...)."""
+        """The mixer-registry builder: a layer with the config's attention settings (attn_num_heads, ...). It has the
+        config's short convolution only when attention is the model's `mixer` (hybrid attention layers never do)."""
         return cls(
             hidden_size=config.hidden_size,
             num_heads=config.attn_num_heads,
             num_kv_heads=config.attn_num_kv_heads,
             rope_theta=config.rope_theta,
+            use_short_conv=config.use_short_conv and config.mixer == "attention",
+            conv_size=config.conv_size,
             layer_idx=layer_idx,
         )
 
     def state_size(self, seq_len: int) -> int:
-        """Numbers held per sequence in the KV cache after `seq_len` tokens: 2 * seq_len * H_kv * d_head."""
-        return 2 * seq_len * self.num_kv_heads * self.head_dim
+        """Numbers held per sequence in the KV cache after `seq_len` tokens: 2 * seq_len * H_kv * d_head (plus the
+        conv windows with short conv)."""
+        size = 2 * seq_len * self.num_kv_heads * self.head_dim
+        if self.use_short_conv:
+            size += (self.conv_size - 1) * (self.hidden_size + 2 * self.num_kv_heads * self.head_dim)
+        return size
 
     def forward(
         self,
@@ -121,9 +142,12 @@ class Attention(nn.Module):
         offset = state.key_mask.sum(dim=1, keepdim=True) if has_past else 0
         positions = (offset + real.long().cumsum(dim=1) - 1).clamp(min=0)
 
-        q = self.q_proj(hidden_states).unflatten(-1, (self.num_heads, self.head_dim))
-        k = self.k_proj(hidden_states).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = self.v_proj(hidden_states).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.use_short_conv:
+            q, k, v = self._convolve(q, k, v, mask, state, use_cache)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         q = apply_rotary(q, positions, self.rope_theta).to(q.dtype).transpose(1, 2)  # [B, H, T, d]
         k = apply_rotary(k, positions, self.rope_theta).to(k.dtype).transpose(1, 2)
         v = v.transpose(1, 2)
@@ -151,6 +175,23 @@ class Attention(nn.Module):
         if mask is not None:
             o = o * mask[..., None].to(o.dtype)
         return self.o_proj(o)
+
+    def _convolve(self, q, k, v, mask, state, use_cache: bool) -> list[torch.Tensor]:
+        """The short convolutions of q, k, v `[B, T, .]`, over each row's real tokens (padding skipped), continuing
+        the cached windows; the new windows go to the cache when `use_cache`."""
+        B, T = q.shape[:2]
+        x, cu_seqlens, indices = torch.cat([q, k, v], dim=-1), None, None
+        if mask is not None:
+            x, cu_seqlens, indices = unpad(x, mask)
+        windows = state.conv_state if state is not None else {}
+        out = []
+        parts = x.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+        for name, conv, part in zip("qkv", (self.q_conv, self.k_conv, self.v_conv), parts, strict=True):
+            y, window = conv(part, cu_seqlens, windows.get(name))
+            out.append(y if indices is None else repad(y, indices, B, T))
+            if use_cache:
+                state.conv_state[name] = window
+        return out
 
     def _forward_documents(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Packed documents, computed as a right-padded batch with one document per row: plain causal attention is

@@ -14,7 +14,7 @@ from .norm import RMSNorm
 from .varlen import check_mixer_inputs, repad, unpad
 
 if TYPE_CHECKING:
-    from ..models.cache import GSACache
+    from ..models.cache import GSACache, LayerState
     from ..models.configuration_gsa import GSAConfig
 
 FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
@@ -124,6 +124,16 @@ class GatedSlotAttention(nn.Module):
             size += (self.conv_size - 1) * (self.hidden_size + 2 * self.num_kv_heads * self.head_dim)
         return size
 
+    def _gates(
+        self, f: torch.Tensor, cu_seqlens: torch.Tensor | None, state: LayerState | None, use_cache: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log forget gates g and write weights s (both `[B, T, H_kv, M]`) from the gate logits `f` (at least
+        float32): `g = logsigmoid(f) / tau`, `s = 1 - exp(g)`. Subclasses with other gates (ABC) override this; they
+        get the sequences' layout and their layer's cache state, and write their own gate state there when
+        `use_cache`."""
+        g = F.logsigmoid(f) / self.gate_logit_normalizer
+        return g, -torch.expm1(g)  # s = 1 - exp(g), without cancellation when g is close to 0
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -155,8 +165,7 @@ class GatedSlotAttention(nn.Module):
         k = phi(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))
         v = F.silu(v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
         f = f.unflatten(-1, (self.num_kv_heads, self.num_slots))
-        g = F.logsigmoid(f.to(torch.promote_types(f.dtype, torch.float32))) / self.gate_logit_normalizer
-        s = -torch.expm1(g)  # = 1 - exp(g), without cancellation when g is close to 0
+        g, s = self._gates(f.to(torch.promote_types(f.dtype, torch.float32)), cu_seqlens, state, use_cache)
 
         o, final_state = gsa(
             q, k, v, g, s,

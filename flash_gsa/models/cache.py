@@ -13,13 +13,17 @@ class LayerState:
     """The state of one layer, batch first (one row per sequence). Each mixer fills the fields it needs.
 
     Attributes:
-        recurrent_state: GSA memory `(hk [B, H_kv, K, M], hv [B, H_kv, M, V])`, float32 (float64 for float64 models).
+        recurrent_state: GSA/ABC memory `(hk [B, H_kv, K, M], hv [B, H_kv, M, V])`, or GLA's `(S [B, H, K, V],)`;
+            float32 (float64 for float64 models).
+        slot_normalizer: ABC's running log-normalizer of the slot write weights, `log Z [B, H_kv, M]` (-inf: nothing
+            written yet).
         conv_state: short-convolution windows by name ("q", "k", "v"), each `[B, C, conv_size - 1]`.
         keys, values: attention KV cache `[B, H_kv, S, d]` (keys after RoPE).
         key_mask: `[B, S]` bool, False where a cached token was padding.
     """
 
-    recurrent_state: tuple[torch.Tensor, torch.Tensor] | None = None
+    recurrent_state: tuple[torch.Tensor, ...] | None = None
+    slot_normalizer: torch.Tensor | None = None
     conv_state: dict[str, torch.Tensor] = field(default_factory=dict)
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -30,7 +34,7 @@ class LayerState:
         if self.recurrent_state is not None:
             self.recurrent_state = tuple(fn(x) for x in self.recurrent_state)
         self.conv_state = {name: fn(x) for name, x in self.conv_state.items()}
-        for name in ("keys", "values", "key_mask"):
+        for name in ("slot_normalizer", "keys", "values", "key_mask"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
 

@@ -22,12 +22,14 @@ class GSAConfig(PretrainedConfig):
         vocab_size: tokens in the vocabulary.
         hidden_size: model width D.
         num_hidden_layers: number of blocks L.
-        num_heads: query heads of the GSA layers.
-        num_kv_heads: key/value/gate heads of the GSA layers; default num_heads.
-        num_slots: memory slots M per kv head.
-        gate_logit_normalizer: tau in the log forget gate `logsigmoid(f) / tau`.
+        num_heads: query heads of the recurrent mixer layers (gsa, abc, gla).
+        num_kv_heads: key/value/gate heads of the gsa and abc layers; default num_heads.
+        num_slots: memory slots M per kv head (gsa, abc).
+        gate_logit_normalizer: tau in GSA's log forget gate `logsigmoid(f) / tau` (abc has no gate; gla keeps its
+            own default, 16).
         feature_map: on GSA's q and k: "swish", "relu" or "identity".
-        use_short_conv: causal short convolution on GSA's q, k, v.
+        use_short_conv: causal short convolution on the q, k, v of the model's `mixer` (hybrid attention layers
+            never have one).
         conv_size: its kernel size.
         intermediate_size: SwiGLU hidden size; default 8/3 * D rounded up to a multiple of 256 (as Llama).
         norm_eps: epsilon of every RMSNorm.
@@ -40,7 +42,9 @@ class GSAConfig(PretrainedConfig):
             there and warns past it (GSA itself has no position limit).
         initializer_range: std of the N(0, std) init of embeddings and linear maps.
         tie_word_embeddings: share the input embedding with the output head.
-        mixer: the token mixer of every layer not in attn_layers, a key of `flash_gsa.layers.MIXERS`.
+        mixer: the token mixer of every layer not in attn_layers, a key of `flash_gsa.layers.MIXERS`: "gsa", or
+            the baselines "abc" (GSA without forget gate), "gla" (gated linear attention; key dim D/2, value dim D,
+            `num_heads` heads) and "attention" (softmax attention with RoPE, `attn_num_heads` heads).
         **kwargs: `PretrainedConfig` arguments (pad_token_id, bos_token_id, eos_token_id, ...).
     """
 

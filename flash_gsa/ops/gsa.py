@@ -6,18 +6,19 @@ from collections.abc import Callable
 
 import torch
 
-from .chunk import gsa_chunk
+from .custom_op import gsa_chunk_op, gsa_triton_op
 from .reference import State, gsa_reference
 
 BACKENDS = ("reference", "chunk", "triton")
 
 
 def _triton_backend() -> Callable | None:
+    """The triton backend (through its custom op), or None when the triton package cannot be imported."""
     try:
-        from .triton import gsa_triton
+        from . import triton  # noqa: F401  (imports the triton package and compiles nothing yet)
     except ImportError:
         return None
-    return gsa_triton
+    return gsa_triton_op
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -42,13 +43,17 @@ def _check_tensor(name: str, x, rank: int) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
-def _check_cu_seqlens(cu_seqlens, batch: int, total: int) -> None:
+def _check_cu_seqlens(cu_seqlens, batch: int, total: int, device: torch.device) -> None:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError("cu_seqlens must be an int32 or int64 tensor")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, but q is on {device}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must have shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
     if batch != 1:
         raise ValueError(f"cu_seqlens needs a packed batch (B == 1), got B = {batch}")
+    if torch.compiler.is_compiling():  # reading the values would break the graph (a host sync): checked in eager only
+        return
     values = cu_seqlens.tolist()
     if values[0] != 0 or values[-1] != total:
         raise ValueError(f"cu_seqlens must start at 0 and end at T = {total}, got {values[0]} ... {values[-1]}")
@@ -93,11 +98,15 @@ def gsa(
         initial_state: `(hk [N, H, K, M], hv [N, H, M, V])`, N = number of sequences; zeros when None.
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: `[N + 1]` int offsets of N sequences packed along T (needs B == 1); nothing crosses a boundary.
-        backend: "reference", "chunk" or "triton"; None picks the fastest one for q's device.
+        backend: "reference", "chunk" or "triton"; None picks the fastest one for q's device. The chunk and triton
+            backends are custom ops (`flash_gsa.ops.custom_op`): torch.compile captures them without graph breaks.
 
     Returns:
         `o [B, T, HQ, V]` in q's dtype, and the final state `(hk, hv)` (float32, or float64 for float64 inputs)
         when `output_final_state`, else None.
+
+    Raises ValueError on misuse. Under torch.compile the values of cu_seqlens are not checked (reading them would
+    break the graph); its dtype, shape and device are.
     """
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
         _check_tensor(name, x, 4)
@@ -119,11 +128,11 @@ def gsa(
         if s.shape != g.shape:
             raise ValueError(f"s must have g's shape {tuple(g.shape)}, got {tuple(s.shape)}")
     device = q.device
-    for name, x in (("k", k), ("v", v), ("g", g), ("s", s), ("cu_seqlens", cu_seqlens)):
+    for name, x in (("k", k), ("v", v), ("g", g), ("s", s)):
         if x is not None and x.device != device:
             raise ValueError(f"{name} is on {x.device}, but q is on {device}")
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T)
+        _check_cu_seqlens(cu_seqlens, B, T, device)
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     M, V = g.shape[3], v.shape[3]
     if initial_state is not None:
@@ -142,7 +151,7 @@ def gsa(
         if fn is None:
             raise ValueError("backend 'triton' needs the triton package (pip install triton)")
     else:
-        fn = gsa_reference if backend == "reference" else gsa_chunk
+        fn = gsa_reference if backend == "reference" else gsa_chunk_op
 
     if s is None:
         s = -torch.expm1(g)

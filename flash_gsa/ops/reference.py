@@ -66,7 +66,7 @@ def gsa_reference(
         hk0 = q.new_zeros(N, H, K, M)
         hv0 = q.new_zeros(N, H, M, V)
     else:
-        hk0, hv0 = (x.to(dt) for x in initial_state)
+        hk0, hv0 = (x.to(dt, copy=True) for x in initial_state)  # a copy: with T = 0 it is the final state
 
     if bounds is None:
         o, hk, hv = _recurrence(q, k, v, g, s, scale, hk0, hv0)

@@ -140,7 +140,7 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
         SUB=config.SUB,
         BK=BK,
         BV=BV,
-        LOWP=config.LOWP_BACKWARD and q.dtype != torch.float32,
+        LOWP=config.LOWP_FORWARD and q.dtype != torch.float32,
         num_warps=config.NUM_WARPS["output"],
         num_stages=config.NUM_STAGES["output"],
     )

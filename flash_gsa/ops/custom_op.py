@@ -1,0 +1,217 @@
+"""The chunk and triton backends as `torch.library` custom ops, so that `torch.compile` keeps `flash_gsa.gsa` in one
+graph: the compiler sees each op as one opaque node, and a fake implementation gives the shapes of its outputs.
+
+    flash_gsa::chunk_fwd(q, k, v, g, s, scale, hk0?, hv0?, cu_seqlens?) -> o, hk, hv
+    flash_gsa::chunk_bwd(do, dhk?, dhv?, q, k, v, g, s, scale, hk0?, hv0?, cu_seqlens?)
+        -> dq, dk, dv, dg, ds, dhk0, dhv0
+    flash_gsa::triton_fwd(q, k, v, g, s, scale, init?, cu_seqlens?) -> o, final, saved
+    flash_gsa::triton_bwd(q, k, v, s, do, d_final?, final, saved, scale, cu_seqlens?) -> dq, dk, dv, dg, ds, d_init
+
+Each forward is tied to its backward with `register_autograd`. The final state is always computed and returned (both
+backends produce it anyway); the wrappers hand it out only when asked for, and the backward then ignores its
+gradient. Host syncs are fine inside an op, where the compiler never looks: the chunk backend reads the longest
+varlen sequence there, the triton backend builds its chunk tables (in both of its ops).
+
+chunk_bwd recomputes the forward's intermediates and applies explicit gradient formulas (`gsa_chunk_backward`;
+autograd is off inside an op). The triton ops keep the kernels' buffers instead: `final` is the packed state
+`[N, H, M, K + V]` (fp32) and `saved` the list `chunk_forward` returns, whose shapes and dtypes `_saved_like` must
+mirror for the compiler (tests/test_compile.py checks them with `torch.library.opcheck`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk import gsa_chunk, gsa_chunk_backward
+from .reference import State, compute_dtype
+
+Tensor = torch.Tensor
+
+
+def _num_seqs(q: Tensor, cu_seqlens: Tensor | None) -> int:
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+# ---- chunk backend --------------------------------------------------------------------------------------------------
+
+
+def _chunk_call(q, k, v, g, s, scale, hk0, hv0, cu_seqlens):
+    o, (hk, hv) = gsa_chunk(q, k, v, g, s, scale, None if hk0 is None else (hk0, hv0), True, cu_seqlens)
+    return o.to(q.dtype).contiguous(), hk, hv
+
+
+@torch.library.custom_op("flash_gsa::chunk_fwd", mutates_args=())
+def chunk_fwd(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, s: Tensor, scale: float,
+    hk0: Tensor | None, hv0: Tensor | None, cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _chunk_call(q, k, v, g, s, scale, hk0, hv0, cu_seqlens)
+
+
+@chunk_fwd.register_fake
+def _(q, k, v, g, s, scale, hk0, hv0, cu_seqlens):
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[3], g.shape[3]
+    N, dt = _num_seqs(q, cu_seqlens), compute_dtype(q)
+    return q.new_empty(B, T, HQ, V), q.new_empty(N, H, K, M, dtype=dt), q.new_empty(N, H, M, V, dtype=dt)
+
+
+@torch.library.custom_op("flash_gsa::chunk_bwd", mutates_args=())
+def chunk_bwd(
+    do: Tensor, dhk: Tensor | None, dhv: Tensor | None,
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, s: Tensor, scale: float,
+    hk0: Tensor | None, hv0: Tensor | None, cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    init = None if hk0 is None else (hk0, hv0)
+    grads = gsa_chunk_backward(do, dhk, dhv, q, k, v, g, s, scale, init, cu_seqlens)
+    return tuple(x.contiguous() for x in grads)
+
+
+@chunk_bwd.register_fake
+def _(do, dhk, dhv, q, k, v, g, s, scale, hk0, hv0, cu_seqlens):
+    N, H, K, M, V = _num_seqs(q, cu_seqlens), k.shape[2], k.shape[3], g.shape[3], v.shape[3]
+    dt = compute_dtype(q)
+    dhk0 = q.new_empty(N, H, K, M, dtype=dt if hk0 is None else hk0.dtype)
+    dhv0 = q.new_empty(N, H, M, V, dtype=dt if hv0 is None else hv0.dtype)
+    return (*(x.new_empty(x.shape) for x in (q, k, v, g, s)), dhk0, dhv0)
+
+
+def _chunk_setup(ctx, inputs, output):
+    q, k, v, g, s, scale, hk0, hv0, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, g, s, hk0, hv0, cu_seqlens)
+    ctx.scale = scale
+
+
+def _chunk_backward(ctx, do, dhk, dhv):
+    q, k, v, g, s, hk0, hv0, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dg, ds, dhk0, dhv0 = chunk_bwd(do, dhk, dhv, q, k, v, g, s, ctx.scale, hk0, hv0, cu_seqlens)
+    has_init = hk0 is not None
+    return dq, dk, dv, dg, ds, None, dhk0 if has_init else None, dhv0 if has_init else None, None
+
+
+chunk_fwd.register_autograd(_chunk_backward, setup_context=_chunk_setup)
+
+
+def gsa_chunk_op(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, s: Tensor, scale: float,
+    initial_state: State | None, output_final_state: bool, cu_seqlens: Tensor | None,
+) -> tuple[Tensor, State | None]:
+    """The chunk backend through `flash_gsa::chunk_fwd`; arguments as `flash_gsa.ops.chunk.gsa_chunk`."""
+    hk0, hv0 = initial_state if initial_state is not None else (None, None)
+    o, hk, hv = chunk_fwd(q, k, v, g, s, scale, hk0, hv0, cu_seqlens)
+    return o, ((hk, hv) if output_final_state else None)
+
+
+# ---- triton backend -------------------------------------------------------------------------------------------------
+
+
+def _layout(q: Tensor, cu_seqlens: Tensor | None):
+    from .triton import config
+    from .triton.function import chunk_layout
+
+    B, T = q.shape[:2]
+    C = config.CHUNK
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
+        return chunk_layout(cu, B * T, B * (-(-T // C)), C)
+    return chunk_layout(cu_seqlens, T, None, C)
+
+
+def _flat(*xs: Tensor) -> list[Tensor]:
+    """[B, T, ...] -> contiguous [B * T, ...]."""
+    return [x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous() for x in xs]
+
+
+@torch.library.custom_op("flash_gsa::triton_fwd", mutates_args=())
+def triton_fwd(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, s: Tensor, scale: float, init: Tensor | None,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    from .triton.function import chunk_forward
+
+    B, T = q.shape[:2]
+    o, final, saved = chunk_forward(*_flat(q, k, v, g, s), scale, init, _layout(q, cu_seqlens))
+    return o.view(B, T, *o.shape[1:]), final, list(saved)
+
+
+def _saved_like(q: Tensor, k: Tensor, v: Tensor, g: Tensor, cu_seqlens: Tensor | None) -> list[Tensor]:
+    """Empty tensors as the buffers `chunk_forward` saves: b [NC, H, C, M] and b_last [NC, H, M] in fp32, the states
+    entering each chunk [NC, H, M, K + V] in `state_dtype`. NC, the number of chunks, depends on cu_seqlens' values."""
+    from .triton import config
+    from .triton.function import state_dtype
+
+    B, T, H, K = k.shape
+    V, M, C = v.shape[3], g.shape[3], config.CHUNK
+    nc = B * (-(-T // C)) if cu_seqlens is None else torch.library.get_ctx().new_dynamic_size()
+    f32 = dict(dtype=torch.float32)
+    states = q.new_empty(nc, H, M, K + V, dtype=state_dtype(q.dtype))
+    return [q.new_empty(nc, H, C, M, **f32), q.new_empty(nc, H, M, **f32), states]
+
+
+@triton_fwd.register_fake
+def _(q, k, v, g, s, scale, init, cu_seqlens):
+    H, K, V, M = k.shape[2], k.shape[3], v.shape[3], g.shape[3]
+    final = q.new_empty(_num_seqs(q, cu_seqlens), H, M, K + V, dtype=torch.float32)
+    return q.new_empty(*q.shape[:3], V), final, _saved_like(q, k, v, g, cu_seqlens)
+
+
+@torch.library.custom_op("flash_gsa::triton_bwd", mutates_args=())
+def triton_bwd(
+    q: Tensor, k: Tensor, v: Tensor, s: Tensor, do: Tensor, d_final: Tensor | None, final: Tensor,
+    saved: list[Tensor], scale: float, cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .triton.function import chunk_backward
+
+    B, T = q.shape[:2]
+    d_final = None if d_final is None else d_final.float().contiguous()
+    flat = _flat(q, k, v, s, do)
+    grads = chunk_backward(*flat, d_final, final, tuple(saved), scale, _layout(q, cu_seqlens))
+    dq, dk, dv, ds, dg, d_init = grads
+    return (*(x.view(B, T, *x.shape[1:]) for x in (dq, dk, dv, dg, ds)), d_init)
+
+
+@triton_bwd.register_fake
+def _(q, k, v, s, do, d_final, final, saved, scale, cu_seqlens):
+    dq, dk, dv, ds = (x.new_empty(x.shape) for x in (q, k, v, s))
+    return dq, dk, dv, s.new_empty(s.shape, dtype=torch.float32), ds, final.new_empty(final.shape)
+
+
+def _triton_setup(ctx, inputs, output):
+    q, k, v, g, s, scale, init, cu_seqlens = inputs
+    _, final, saved = output
+    ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, s, final, cu_seqlens, *saved)
+    ctx.scale, ctx.g_dtype, ctx.has_init = scale, g.dtype, init is not None
+
+
+def _triton_backward(ctx, do, d_final, _):
+    q, k, v, s, final, cu_seqlens, *saved = ctx.saved_tensors
+    if do is None:
+        do = q.new_zeros(*q.shape[:3], v.shape[3])
+    dq, dk, dv, dg, ds, d_init = triton_bwd(q, k, v, s, do, d_final, final, saved, ctx.scale, cu_seqlens)
+    return dq, dk, dv, dg.to(ctx.g_dtype), ds, None, d_init if ctx.has_init else None, None
+
+
+triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup)
+
+
+def gsa_triton_op(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, s: Tensor, scale: float,
+    initial_state: State | None, output_final_state: bool, cu_seqlens: Tensor | None,
+) -> tuple[Tensor, State | None]:
+    """The triton backend through `flash_gsa::triton_fwd`; arguments as `flash_gsa.ops.chunk.gsa_chunk`. It needs
+    M a power of two >= 16 and K, V >= 16. The final state is float32."""
+    M, K, V = g.shape[-1], q.shape[-1], v.shape[-1]
+    if M & (M - 1) or M < 16:
+        raise ValueError(f"the triton backend needs M (slots) a power of two >= 16, got {M}")
+    if K < 16 or V < 16:
+        raise ValueError(f"the triton backend needs K and V >= 16, got K={K}, V={V}")
+    init = None
+    if initial_state is not None:  # packed as the kernels keep it: [N, H, M, K + V] fp32
+        hk0, hv0 = initial_state
+        init = torch.cat([hk0.transpose(-1, -2), hv0], dim=-1).float().contiguous()
+    o, final, _ = triton_fwd(q, k, v, g, s, scale, init, cu_seqlens)
+    if not output_final_state:
+        return o, None
+    return o, (final[..., :K].transpose(-1, -2), final[..., K:])
