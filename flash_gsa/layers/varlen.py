@@ -15,20 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int) -> None:
-    """Raises ValueError unless `cu_seqlens` is a valid `[N + 1]` offset vector for one packed row of `total` tokens."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError("cu_seqlens must be an int32 or int64 tensor")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must have shape [N + 1] with N >= 1, got {tuple(cu_seqlens.shape)}")
-    if batch != 1:
-        raise ValueError(f"cu_seqlens needs one packed row (B == 1), got B = {batch}")
-    values = cu_seqlens.tolist()
-    if values[0] != 0 or values[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T = {total}, got {values[0]} ... {values[-1]}")
-    if any(b < a for a, b in zip(values, values[1:], strict=False)):
-        raise ValueError("cu_seqlens must be non-decreasing")
+from ..ops.gsa import check_cu_seqlens
 
 
 def check_mixer_inputs(
@@ -53,7 +40,7 @@ def check_mixer_inputs(
     if cu_seqlens is not None:
         if attention_mask is not None:
             raise ValueError("pass either attention_mask (padded batch) or cu_seqlens (packed documents), not both")
-        check_cu_seqlens(cu_seqlens, B, T)
+        check_cu_seqlens(cu_seqlens, B, T, hidden_states.device)
         return None
     if attention_mask is None:
         return None

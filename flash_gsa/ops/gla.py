@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .chunk import _pack_to_batch, _varlen_layout
-from .gsa import _check_cu_seqlens, _check_tensor
+from .gsa import _check_tensor, check_cu_seqlens
 from .reference import compute_dtype
 
 GLA_BACKENDS = ("recurrent", "chunk")
@@ -104,7 +104,7 @@ def gla(
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device}, but q is on {q.device}")
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T, q.device)
+        check_cu_seqlens(cu_seqlens, B, T, q.device)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     V = v.shape[-1]
     if initial_state is not None and (

@@ -43,13 +43,14 @@ def _check_tensor(name: str, x, rank: int) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
-def _check_cu_seqlens(cu_seqlens, batch: int, total: int, device: torch.device) -> None:
+def check_cu_seqlens(cu_seqlens, batch: int, total: int, device: torch.device) -> None:
+    """Raises ValueError unless `cu_seqlens` is a valid `[N + 1]` offset vector of one packed row of `total` tokens."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError("cu_seqlens must be an int32 or int64 tensor")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, but q is on {device}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must have shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"cu_seqlens must have shape [N + 1] with N >= 1, got {tuple(cu_seqlens.shape)}")
     if batch != 1:
         raise ValueError(f"cu_seqlens needs a packed batch (B == 1), got B = {batch}")
     if torch.compiler.is_compiling():  # reading the values would break the graph (a host sync): checked in eager only
@@ -132,7 +133,7 @@ def gsa(
         if x is not None and x.device != device:
             raise ValueError(f"{name} is on {x.device}, but q is on {device}")
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, B, T, device)
+        check_cu_seqlens(cu_seqlens, B, T, device)
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     M, V = g.shape[3], v.shape[3]
     if initial_state is not None:
