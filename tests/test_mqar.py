@@ -87,9 +87,10 @@ def test_model_shapes_give_equal_recurrent_state():
         model = GSAForCausalLM(mqar_model_config(mixer, 64, 32, seq_len=128))
         sizes[mixer] = model.model.layers[0].mixer.state_size(128)
         assert model.config.num_hidden_layers == 2
-    assert sizes["gsa"] == sizes["gla"] == 64 * 32
+    conv = 3 * 64  # the windows of a kernel-4 convolution, per channel of q, k and v
+    assert sizes["gsa"] == 64 * 32 + 3 * conv and sizes["gla"] == 64 * 32 + 2 * conv  # gla's q and k are D/2 wide
     assert sizes["abc"] == sizes["gsa"] + 2 * 16
-    assert sizes["attention"] == 2 * 128 * 64
+    assert sizes["attention"] == 2 * 128 * 64 + 3 * conv
 
 
 def test_grid_options_and_errors():
