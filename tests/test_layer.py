@@ -7,12 +7,12 @@ Exactness checks run in float64: the same math computed in another order (token 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOL, check_left_padded_prefill_then_decode, randn
 
 from flash_gsa.layers import MIXERS, Attention, GatedSlotAttention, RMSNorm, ShortConvolution, SwiGLU
 from flash_gsa.layers.varlen import check_mixer_inputs, document_positions, repad, unpad
 from flash_gsa.models import GSACache, GSAConfig
 
-TOL = dict(atol=1e-9, rtol=1e-9)  # float64, see the module docstring
 D = 32
 
 
@@ -26,10 +26,6 @@ def attn_layer(seed: int = 0, **kw) -> Attention:
     torch.manual_seed(seed)
     kw = {"num_heads": 4, "layer_idx": 0, **kw}
     return Attention(kw.pop("hidden_size", D), **kw).double()
-
-
-def randn(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 LAYERS = {
@@ -83,20 +79,7 @@ def test_packed_documents_match_separate_sequences(name):
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_left_padded_prefill_then_decode_matches_unpadded(name):
-    layer = LAYERS[name]()
-    seqs = [randn(1, 8, D, seed=30), randn(1, 5, D, seed=31)]
-    prompt = torch.zeros(2, 6, D, dtype=torch.float64)
-    prompt[0], prompt[1, 3:] = seqs[0][0, :6], seqs[1][0, :3]
-    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
-    cache = GSACache()
-    out = [layer(prompt, attention_mask=mask, past_key_values=cache, use_cache=True)[:, -1]]
-    for t in range(2):  # the next two tokens; the HF-style mask also covers the cached columns
-        step = torch.stack([seqs[0][0, 6 + t], seqs[1][0, 3 + t]])[:, None]
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        out.append(layer(step, attention_mask=mask, past_key_values=cache, use_cache=True)[:, 0])
-    for i, (s, last) in enumerate(((seqs[0], 6), (seqs[1], 3))):
-        want = layer(s[:, : last + 2])[0, last - 1 :]
-        torch.testing.assert_close(torch.stack([o[i] for o in out]), want, **TOL)
+    check_left_padded_prefill_then_decode(LAYERS[name]())
 
 
 def test_cache_read_without_update():

@@ -7,20 +7,16 @@ can only fail on a real bug.
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOL, check_left_padded_prefill_then_decode, randn
 
 from flash_gsa.layers import MIXERS, ABCAttention, GatedLinearAttention, GatedSlotAttention
 from flash_gsa.layers.abc import abc_gates
 from flash_gsa.models import GSACache, GSAConfig, GSAForCausalLM
 from flash_gsa.ops import gla, gsa
 
-TOL = dict(atol=1e-9, rtol=1e-9)
 D = 32
 CONFIG = dict(vocab_size=40, hidden_size=D, num_hidden_layers=2, num_heads=2, num_slots=8, intermediate_size=48,
               attn_num_heads=4, pad_token_id=0)
-
-
-def randn(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def mixer(name: str, **kw) -> torch.nn.Module:
@@ -285,19 +281,7 @@ def test_padded_and_packed_match_separate_sequences(name):
 
 @pytest.mark.parametrize("name", ["abc", "gla", "abc_conv", "gla_conv", "attention_conv"])
 def test_left_padded_prefill_then_decode(name):
-    layer = mixer(LAYERS[name][0], **LAYERS[name][1])
-    seqs = [randn(1, 8, D, seed=30), randn(1, 5, D, seed=31)]
-    prompt = torch.zeros(2, 6, D, dtype=torch.float64)
-    prompt[0], prompt[1, 3:] = seqs[0][0, :6], seqs[1][0, :3]
-    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
-    cache = GSACache()
-    out = [layer(prompt, attention_mask=mask, past_key_values=cache, use_cache=True)[:, -1]]
-    for t in range(2):
-        step = torch.stack([seqs[0][0, 6 + t], seqs[1][0, 3 + t]])[:, None]
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        out.append(layer(step, attention_mask=mask, past_key_values=cache, use_cache=True)[:, 0])
-    for i, (s, last) in enumerate(((seqs[0], 6), (seqs[1], 3))):
-        torch.testing.assert_close(torch.stack([o[i] for o in out]), layer(s[:, : last + 2])[0, last - 1 :], **TOL)
+    check_left_padded_prefill_then_decode(mixer(LAYERS[name][0], **LAYERS[name][1]))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -18,7 +18,8 @@ Mixer contract. Every token mixer is an `nn.Module` built by a registry entry `M
   2 * seq_len * H_kv * d_head).
 - A classmethod `from_config(config, layer_idx)` is the usual registry builder.
 
-Adding a mixer = one new module implementing this contract + one line in `MIXERS`.
+Adding a mixer = one new module implementing this contract + one line in `MIXERS`. The built-in mixers subclass
+`flash_gsa.layers.mixer.TokenMixer`, which implements `forward` and `from_config` once for all of them.
 """
 
 from __future__ import annotations

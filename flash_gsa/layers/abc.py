@@ -13,7 +13,7 @@ shrinks only as later tokens are written.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -91,19 +91,11 @@ class ABCAttention(GatedSlotAttention):
         del self.gate_logit_normalizer  # no learned gate: nothing to normalize
 
     @classmethod
-    def from_config(cls, config: GSAConfig, layer_idx: int) -> ABCAttention:
-        """The mixer-registry builder: a layer with the config's GSA settings (gate_logit_normalizer unused)."""
-        return cls(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_heads,
-            num_kv_heads=config.num_kv_heads,
-            num_slots=config.num_slots,
-            feature_map=config.feature_map,
-            use_short_conv=config.use_short_conv,
-            conv_size=config.conv_size,
-            norm_eps=config.norm_eps,
-            layer_idx=layer_idx,
-        )
+    def _config_kwargs(cls, config: GSAConfig) -> dict[str, Any]:
+        """The config's GSA settings, without gate_logit_normalizer (unused)."""
+        kwargs = super()._config_kwargs(config)
+        del kwargs["gate_logit_normalizer"]
+        return kwargs
 
     def state_size(self, seq_len: int) -> int:
         """GSA's state plus log Z: 2 * H_kv * M * d_head + H_kv * M (plus the conv windows with short conv)."""

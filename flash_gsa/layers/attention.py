@@ -5,17 +5,17 @@ Used for the hybrid layers of a GSA model (`GSAConfig.attn_layers`) and as the "
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import ShortConvolution
-from .varlen import check_mixer_inputs, document_positions, repad, unpad
+from .mixer import TokenMixer, check_heads
+from .varlen import document_positions, repad, unpad
 
 if TYPE_CHECKING:
-    from ..models.cache import GSACache
+    from ..models.cache import LayerState
     from ..models.configuration_gsa import GSAConfig
 
 
@@ -32,7 +32,7 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torc
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class Attention(nn.Module):
+class Attention(TokenMixer):
     """Multi-head (grouped-query when num_kv_heads < num_heads) causal softmax attention with RoPE.
 
     Bias-free q, k, v, o projections; RoPE position = a token's index among the real (non-padding) tokens of its
@@ -50,6 +50,8 @@ class Attention(nn.Module):
         layer_idx: this layer's key in the cache (needed to decode with one).
     """
 
+    packs_padding: ClassVar[bool] = False  # a padded batch stays padded: masked attention, RoPE positions skip padding
+
     def __init__(
         self,
         hidden_size: int,
@@ -60,89 +62,51 @@ class Attention(nn.Module):
         conv_size: int = 4,
         layer_idx: int | None = None,
     ) -> None:
-        super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if hidden_size < 1 or num_heads < 1 or num_kv_heads < 1:
-            raise ValueError(
-                f"hidden_size, num_heads and num_kv_heads must be >= 1, got {hidden_size}, {num_heads}, {num_kv_heads}"
-            )
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
         if (hidden_size // num_heads) % 2:
             raise ValueError(f"the head dim ({hidden_size // num_heads}) must be even for RoPE")
         if not rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
-        if conv_size < 2:
-            raise ValueError(f"conv_size must be >= 2, got {conv_size}")
-        if layer_idx is not None and layer_idx < 0:
-            raise ValueError(f"layer_idx must be >= 0, got {layer_idx}")
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = hidden_size // num_heads
+        super().__init__(hidden_size, use_short_conv, conv_size, layer_idx)
         self.rope_theta = rope_theta
-        self.use_short_conv = use_short_conv
-        self.conv_size = conv_size
-        self.layer_idx = layer_idx
 
-        kv_dim = num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.k_proj = nn.Linear(hidden_size, kv_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, kv_dim, bias=False)
+        self._add_gqa_projections(num_heads, num_kv_heads)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        if use_short_conv:
-            self.q_conv = ShortConvolution(hidden_size, conv_size)
-            self.k_conv = ShortConvolution(kv_dim, conv_size)
-            self.v_conv = ShortConvolution(kv_dim, conv_size)
+        self._add_short_convs()
 
     @classmethod
-    def from_config(cls, config: GSAConfig, layer_idx: int) -> Attention:
-        """The mixer-registry builder: a layer with the config's attention settings (attn_num_heads, ...). It has the
-        config's short convolution only when attention is the model's `mixer` (hybrid attention layers never do)."""
-        return cls(
+    def _config_kwargs(cls, config: GSAConfig) -> dict[str, Any]:
+        """The config's attention settings (attn_num_heads, ...). The short convolution is the config's only when
+        attention is the model's `mixer` (hybrid attention layers never have one)."""
+        return dict(
             hidden_size=config.hidden_size,
             num_heads=config.attn_num_heads,
             num_kv_heads=config.attn_num_kv_heads,
             rope_theta=config.rope_theta,
             use_short_conv=config.use_short_conv and config.mixer == "attention",
             conv_size=config.conv_size,
-            layer_idx=layer_idx,
         )
 
     def state_size(self, seq_len: int) -> int:
         """Numbers held per sequence in the KV cache after `seq_len` tokens: 2 * seq_len * H_kv * d_head (plus the
         conv windows with short conv)."""
-        size = 2 * seq_len * self.num_kv_heads * self.head_dim
-        if self.use_short_conv:
-            size += (self.conv_size - 1) * (self.hidden_size + 2 * self.num_kv_heads * self.head_dim)
-        return size
+        return 2 * seq_len * self.num_kv_heads * self.head_dim + self._conv_state_size()
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        past_key_values: GSACache | None = None,
-        use_cache: bool = False,
+    def _mix(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, state: LayerState | None,
+        use_cache: bool,
     ) -> torch.Tensor:
-        """`[B, T, D] -> [B, T, D]`; see `flash_gsa.layers` for the arguments. Padding positions come out as zeros."""
-        mask = check_mixer_inputs(
-            hidden_states, self.hidden_size, attention_mask, cu_seqlens, past_key_values, use_cache, self.layer_idx
-        )
         if cu_seqlens is not None:
-            if past_key_values is not None:
+            if state is not None:
                 raise ValueError("attention layers cannot combine cu_seqlens (packed documents) with a cache")
-            return self._forward_documents(hidden_states, cu_seqlens)
-        B, T, _ = hidden_states.shape
-        state = past_key_values[self.layer_idx] if past_key_values is not None else None
+            return self._forward_documents(x, cu_seqlens)
+        B, T, _ = x.shape
         has_past = state is not None and state.keys is not None
-        real = mask if mask is not None else hidden_states.new_ones(B, T, dtype=torch.bool)
+        real = mask if mask is not None else x.new_ones(B, T, dtype=torch.bool)
         offset = state.key_mask.sum(dim=1, keepdim=True) if has_past else 0
         positions = (offset + real.long().cumsum(dim=1) - 1).clamp(min=0)
 
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             q, k, v = self._convolve(q, k, v, mask, state, use_cache)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
@@ -176,22 +140,20 @@ class Attention(nn.Module):
             o = o * mask[..., None].to(o.dtype)
         return self.o_proj(o)
 
-    def _convolve(self, q, k, v, mask, state, use_cache: bool) -> list[torch.Tensor]:
+    def _convolve(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, state: LayerState | None,
+        use_cache: bool,
+    ) -> list[torch.Tensor]:
         """The short convolutions of q, k, v `[B, T, .]`, over each row's real tokens (padding skipped), continuing
         the cached windows; the new windows go to the cache when `use_cache`."""
         B, T = q.shape[:2]
         x, cu_seqlens, indices = torch.cat([q, k, v], dim=-1), None, None
         if mask is not None:
             x, cu_seqlens, indices = unpad(x, mask)
-        windows = state.conv_state if state is not None else {}
-        out = []
-        parts = x.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
-        for name, conv, part in zip("qkv", (self.q_conv, self.k_conv, self.v_conv), parts, strict=True):
-            y, window = conv(part, cu_seqlens, windows.get(name))
-            out.append(y if indices is None else repad(y, indices, B, T))
-            if use_cache:
-                state.conv_state[name] = window
-        return out
+        *out, windows = self._short_convs(*x.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1), cu_seqlens, state)
+        if use_cache:
+            state.conv_state.update(windows)
+        return [y if indices is None else repad(y, indices, B, T) for y in out]
 
     def _forward_documents(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Packed documents, computed as a right-padded batch with one document per row: plain causal attention is

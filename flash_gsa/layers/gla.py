@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops import gla
-from .conv import ShortConvolution
+from .mixer import TokenMixer, xavier_init_
 from .norm import RMSNorm
-from .varlen import check_mixer_inputs, repad, unpad
 
 if TYPE_CHECKING:
-    from ..models.cache import GSACache
+    from ..models.cache import LayerState
     from ..models.configuration_gsa import GSAConfig
 
 
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(TokenMixer):
     """Gated linear attention token mixer, as in the GLA paper's language models.
 
     Per token: bias-free projections q, k (hidden -> key dim = `expand_k` * hidden) and v (hidden -> hidden); a
@@ -53,7 +52,6 @@ class GatedLinearAttention(nn.Module):
         norm_eps: float = 1e-5,
         layer_idx: int | None = None,
     ) -> None:
-        super().__init__()
         if hidden_size < 1 or num_heads < 1:
             raise ValueError(f"hidden_size and num_heads must be >= 1, got {hidden_size}, {num_heads}")
         key_dim = hidden_size * expand_k
@@ -66,83 +64,46 @@ class GatedLinearAttention(nn.Module):
             raise ValueError(f"gate_low_rank_dim must be >= 1, got {gate_low_rank_dim}")
         if not gate_logit_normalizer > 0:
             raise ValueError(f"gate_logit_normalizer must be > 0, got {gate_logit_normalizer}")
-        if conv_size < 2:
-            raise ValueError(f"conv_size must be >= 2, got {conv_size}")
-        if layer_idx is not None and layer_idx < 0:
-            raise ValueError(f"layer_idx must be >= 0, got {layer_idx}")
-
-        self.hidden_size = hidden_size
+        super().__init__(hidden_size, use_short_conv, conv_size, layer_idx)
         self.num_heads = num_heads
         self.key_dim = int(key_dim)
         self.head_k = self.key_dim // num_heads
         self.head_v = hidden_size // num_heads
         self.gate_logit_normalizer = gate_logit_normalizer
-        self.use_short_conv = use_short_conv
-        self.conv_size = conv_size
-        self.layer_idx = layer_idx
 
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self._add_qkv_projections(self.key_dim, self.key_dim, hidden_size)
         self.r_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # output gate
         self.gk_proj = nn.Sequential(
             nn.Linear(hidden_size, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, self.key_dim)
         )
-        if use_short_conv:
-            self.q_conv = ShortConvolution(self.key_dim, conv_size)
-            self.k_conv = ShortConvolution(self.key_dim, conv_size)
-            self.v_conv = ShortConvolution(hidden_size, conv_size)
+        self._add_short_convs()
         self.g_norm = RMSNorm(self.head_v, eps=norm_eps)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.r_proj, *self.gk_proj, self.o_proj):
-            nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
+        xavier_init_(self.q_proj, self.k_proj, self.v_proj, self.r_proj, *self.gk_proj, self.o_proj)
         nn.init.zeros_(self.gk_proj[1].bias)
 
     @classmethod
-    def from_config(cls, config: GSAConfig, layer_idx: int) -> GatedLinearAttention:
-        """The mixer-registry builder: `num_heads` heads, the config's short-conv and norm settings, GLA's defaults
-        for the rest (key dim D/2, gate rank 16, gate normalizer 16)."""
-        return cls(
+    def _config_kwargs(cls, config: GSAConfig) -> dict[str, Any]:
+        """`num_heads` heads, the config's short-conv and norm settings, GLA's defaults for the rest (key dim D/2,
+        gate rank 16, gate normalizer 16)."""
+        return dict(
             hidden_size=config.hidden_size,
             num_heads=config.num_heads,
             use_short_conv=config.use_short_conv,
             conv_size=config.conv_size,
             norm_eps=config.norm_eps,
-            layer_idx=layer_idx,
         )
 
     def state_size(self, seq_len: int) -> int:
         """Numbers held per sequence between calls: H * head_k * head_v (plus the conv windows with short conv)."""
-        size = self.num_heads * self.head_k * self.head_v
-        if self.use_short_conv:
-            size += (self.conv_size - 1) * (2 * self.key_dim + self.hidden_size)
-        return size
+        return self.num_heads * self.head_k * self.head_v + self._conv_state_size()
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        past_key_values: GSACache | None = None,
-        use_cache: bool = False,
+    def _mix(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, state: LayerState | None,
+        use_cache: bool,
     ) -> torch.Tensor:
-        """`[B, T, D] -> [B, T, D]`; see `flash_gsa.layers` for the arguments. Padding positions come out as zeros."""
-        mask = check_mixer_inputs(
-            hidden_states, self.hidden_size, attention_mask, cu_seqlens, past_key_values, use_cache, self.layer_idx
-        )
-        B, T, _ = hidden_states.shape
-        state = past_key_values[self.layer_idx] if past_key_values is not None else None
-
-        x, indices = hidden_states, None
-        if mask is not None:  # padded batch -> one packed row, one document per batch row
-            x, cu_seqlens, indices = unpad(hidden_states, mask)
-
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            windows = state.conv_state if state is not None else {}
-            q, q_win = self.q_conv(q, cu_seqlens, windows.get("q"))
-            k, k_win = self.k_conv(k, cu_seqlens, windows.get("k"))
-            v, v_win = self.v_conv(v, cu_seqlens, windows.get("v"))
+        q, k, v, windows = self._short_convs(q, k, v, cu_seqlens, state)
         q = q.unflatten(-1, (self.num_heads, self.head_k))
         k = k.unflatten(-1, (self.num_heads, self.head_k))
         v = v.unflatten(-1, (self.num_heads, self.head_v))
@@ -157,11 +118,6 @@ class GatedLinearAttention(nn.Module):
         )
         if use_cache:
             state.recurrent_state = (final_state,)
-            if self.use_short_conv:
-                state.conv_state.update(q=q_win, k=k_win, v=v_win)
-
+            state.conv_state.update(windows)
         o = self.g_norm(o).flatten(-2) * F.silu(self.r_proj(x))
-        o = self.o_proj(o)
-        if indices is not None:
-            o = repad(o, indices, B, T)
-        return o
+        return self.o_proj(o)

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops import gsa
-from .conv import ShortConvolution
+from .mixer import TokenMixer, check_heads, xavier_init_
 from .norm import RMSNorm
-from .varlen import check_mixer_inputs, repad, unpad
 
 if TYPE_CHECKING:
-    from ..models.cache import GSACache, LayerState
+    from ..models.cache import LayerState
     from ..models.configuration_gsa import GSAConfig
 
 FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
 
 
-class GatedSlotAttention(nn.Module):
+class GatedSlotAttention(TokenMixer):
     """Gated Slot Attention token mixer.
 
     Per token: bias-free projections q, k, v and the gate logits f (hidden -> num_kv_heads * num_slots);
@@ -55,56 +54,29 @@ class GatedSlotAttention(nn.Module):
         norm_eps: float = 1e-5,
         layer_idx: int | None = None,
     ) -> None:
-        super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if hidden_size < 1 or num_heads < 1 or num_kv_heads < 1:
-            raise ValueError(
-                f"hidden_size, num_heads and num_kv_heads must be >= 1, got {hidden_size}, {num_heads}, {num_kv_heads}"
-            )
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        num_kv_heads = check_heads(hidden_size, num_heads, num_kv_heads)
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if not gate_logit_normalizer > 0:
             raise ValueError(f"gate_logit_normalizer must be > 0, got {gate_logit_normalizer}")
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
-        if conv_size < 2:
-            raise ValueError(f"conv_size must be >= 2, got {conv_size}")
-        if layer_idx is not None and layer_idx < 0:
-            raise ValueError(f"layer_idx must be >= 0, got {layer_idx}")
-
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = hidden_size // num_heads
+        super().__init__(hidden_size, use_short_conv, conv_size, layer_idx)
         self.num_slots = num_slots
         self.gate_logit_normalizer = gate_logit_normalizer
         self.feature_map = feature_map
-        self.use_short_conv = use_short_conv
-        self.conv_size = conv_size
-        self.layer_idx = layer_idx
 
-        kv_dim = num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.k_proj = nn.Linear(hidden_size, kv_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, kv_dim, bias=False)
+        self._add_gqa_projections(num_heads, num_kv_heads)
         self.f_proj = nn.Linear(hidden_size, num_kv_heads * num_slots, bias=False)
-        if use_short_conv:
-            self.q_conv = ShortConvolution(hidden_size, conv_size)
-            self.k_conv = ShortConvolution(kv_dim, conv_size)
-            self.v_conv = ShortConvolution(kv_dim, conv_size)
+        self._add_short_convs()
         self.g_norm = RMSNorm(hidden_size, eps=norm_eps)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.f_proj, self.o_proj):
-            nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
+        xavier_init_(self.q_proj, self.k_proj, self.v_proj, self.f_proj, self.o_proj)
 
     @classmethod
-    def from_config(cls, config: GSAConfig, layer_idx: int) -> GatedSlotAttention:
-        """The mixer-registry builder: a layer with the config's GSA settings."""
-        return cls(
+    def _config_kwargs(cls, config: GSAConfig) -> dict[str, Any]:
+        """The config's GSA settings."""
+        return dict(
             hidden_size=config.hidden_size,
             num_heads=config.num_heads,
             num_kv_heads=config.num_kv_heads,
@@ -114,15 +86,11 @@ class GatedSlotAttention(nn.Module):
             use_short_conv=config.use_short_conv,
             conv_size=config.conv_size,
             norm_eps=config.norm_eps,
-            layer_idx=layer_idx,
         )
 
     def state_size(self, seq_len: int) -> int:
         """Numbers held per sequence between calls: 2 * H_kv * M * d_head (plus the conv windows with short conv)."""
-        size = 2 * self.num_kv_heads * self.num_slots * self.head_dim
-        if self.use_short_conv:
-            size += (self.conv_size - 1) * (self.hidden_size + 2 * self.num_kv_heads * self.head_dim)
-        return size
+        return 2 * self.num_kv_heads * self.num_slots * self.head_dim + self._conv_state_size()
 
     def _gates(
         self, f: torch.Tensor, cu_seqlens: torch.Tensor | None, state: LayerState | None, use_cache: bool
@@ -134,32 +102,12 @@ class GatedSlotAttention(nn.Module):
         g = F.logsigmoid(f) / self.gate_logit_normalizer
         return g, -torch.expm1(g)  # s = 1 - exp(g), without cancellation when g is close to 0
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        past_key_values: GSACache | None = None,
-        use_cache: bool = False,
+    def _mix(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, state: LayerState | None,
+        use_cache: bool,
     ) -> torch.Tensor:
-        """`[B, T, D] -> [B, T, D]`; see `flash_gsa.layers` for the arguments. Padding positions come out as zeros."""
-        mask = check_mixer_inputs(
-            hidden_states, self.hidden_size, attention_mask, cu_seqlens, past_key_values, use_cache, self.layer_idx
-        )
-        B, T, _ = hidden_states.shape
-        state = past_key_values[self.layer_idx] if past_key_values is not None else None
-
-        x, indices = hidden_states, None
-        if mask is not None:  # padded batch -> one packed row, one document per batch row
-            x, cu_seqlens, indices = unpad(hidden_states, mask)
-
         q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
-        if self.use_short_conv:
-            windows = state.conv_state if state is not None else {}
-            q, q_win = self.q_conv(q, cu_seqlens, windows.get("q"))
-            k, k_win = self.k_conv(k, cu_seqlens, windows.get("k"))
-            v, v_win = self.v_conv(v, cu_seqlens, windows.get("v"))
-
+        q, k, v, windows = self._short_convs(q, k, v, cu_seqlens, state)
         phi = FEATURE_MAPS[self.feature_map]
         q = phi(q.unflatten(-1, (self.num_heads, self.head_dim)))
         k = phi(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))
@@ -176,10 +124,5 @@ class GatedSlotAttention(nn.Module):
         )
         if use_cache:
             state.recurrent_state = final_state
-            if self.use_short_conv:
-                state.conv_state.update(q=q_win, k=k_win, v=v_win)
-
-        o = self.o_proj(self.g_norm(F.silu(o.flatten(-2))))
-        if indices is not None:
-            o = repad(o, indices, B, T)
-        return o
+            state.conv_state.update(windows)
+        return self.o_proj(self.g_norm(F.silu(o.flatten(-2))))

@@ -82,6 +82,13 @@ class GSAPreTrainedModel(PreTrainedModel):
             bound = 1 / math.sqrt(module.kernel_size)
             init.uniform_(module.weight, -bound, bound)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding of the base model (`GSAModel.embed_tokens`; for `GSAForCausalLM`, its `model`'s)."""
+        return self.base_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.base_model.embed_tokens = value
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         """`generate()` must not build a DynamicCache: the model creates its own `GSACache`."""
@@ -98,12 +105,6 @@ class GSAModel(GSAPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def forward(
         self,
@@ -202,12 +203,6 @@ class GSAForCausalLM(GSAPreTrainedModel, GenerationMixin):
         self.model = GSAModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
