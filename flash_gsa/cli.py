@@ -137,12 +137,21 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (`gsa bench op --help`)", description="Run a benchmark.")
-    p.add_argument("name", choices=("op",), help="op: the GSA operator against its peers")
+    p.add_argument(
+        "name",
+        choices=("op", "resources"),
+        help="op: the GSA operator against its peers; resources: shared memory, registers and spills of the "
+        "Triton kernels, compiled for a GPU without one",
+    )
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.name == "resources":
+        from .bench.resources import main as bench_resources
+
+        return bench_resources(args.args)
     from .bench.op import main as bench_op
 
     return bench_op(args.args)

@@ -259,7 +259,7 @@ def _make_op(impl: str, c: OpConfig, device, dtype):
             from flash_gsa.ops.gsa import _triton_backend
 
             if _triton_backend() is None:
-                raise Skip("flash_gsa.ops.triton.gsa_triton is not importable (the triton backend is not built yet)")
+                raise Skip("flash_gsa.ops.triton is not importable (is the triton package installed?)")
 
         def call():
             return gsa(q, k, v, g, s, scale=1.0, backend=backend)[0]

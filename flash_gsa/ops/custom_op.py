@@ -105,16 +105,10 @@ def gsa_chunk_op(
 # ---- triton backend -------------------------------------------------------------------------------------------------
 
 
-def _layout(q: Tensor, cu_seqlens: Tensor | None):
-    from .triton import config
-    from .triton.function import chunk_layout
+def _layout(q: Tensor, g: Tensor, cu_seqlens: Tensor | None):
+    from .triton.function import layout_for
 
-    B, T = q.shape[:2]
-    C = config.CHUNK
-    if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
-        return chunk_layout(cu, B * T, B * (-(-T // C)), C)
-    return chunk_layout(cu_seqlens, T, None, C)
+    return layout_for(q.shape[0], q.shape[1], cu_seqlens, g.shape[-1], q.device)
 
 
 def _flat(*xs: Tensor) -> list[Tensor]:
@@ -130,22 +124,31 @@ def triton_fwd(
     from .triton.function import chunk_forward
 
     B, T = q.shape[:2]
-    o, final, saved = chunk_forward(*_flat(q, k, v, g, s), scale, init, _layout(q, cu_seqlens))
+    o, final, saved = chunk_forward(*_flat(q, k, v, g, s), scale, init, _layout(q, g, cu_seqlens))
     return o.view(B, T, *o.shape[1:]), final, list(saved)
 
 
 def _saved_like(q: Tensor, k: Tensor, v: Tensor, g: Tensor, cu_seqlens: Tensor | None) -> list[Tensor]:
     """Empty tensors as the buffers `chunk_forward` saves: b [NC, H, C, M] and b_last [NC, H, M] in fp32, the states
-    entering each chunk [NC, H, M, K + V] in `state_dtype`. NC, the number of chunks, depends on cu_seqlens' values."""
+    entering each chunk [NC, H, M, K + V] in `state_dtype`, the logits z [T', HQ, M] and lse [T', HQ] in fp32 and the
+    pass-2 weights W [NC, HQ, C, C] in `state_dtype`. NC, the number of chunks, depends on cu_seqlens' values."""
     from .triton import config
     from .triton.function import state_dtype
 
-    B, T, H, K = k.shape
-    V, M, C = v.shape[3], g.shape[3], config.CHUNK
+    B, T, HQ = q.shape[:3]
+    H, K = k.shape[2:]
+    V, M = v.shape[3], g.shape[3]
+    C = config.chunk_size(M)
     nc = B * (-(-T // C)) if cu_seqlens is None else torch.library.get_ctx().new_dynamic_size()
-    f32 = dict(dtype=torch.float32)
-    states = q.new_empty(nc, H, M, K + V, dtype=state_dtype(q.dtype))
-    return [q.new_empty(nc, H, C, M, **f32), q.new_empty(nc, H, M, **f32), states]
+    f32, low = dict(dtype=torch.float32), dict(dtype=state_dtype(q.dtype))
+    return [
+        q.new_empty(nc, H, C, M, **f32),
+        q.new_empty(nc, H, M, **f32),
+        q.new_empty(nc, H, M, K + V, **low),
+        q.new_empty(B * T, HQ, M, **f32),
+        q.new_empty(B * T, HQ, **f32),
+        q.new_empty(nc, HQ, C, C, **low),
+    ]
 
 
 @triton_fwd.register_fake
@@ -165,7 +168,7 @@ def triton_bwd(
     B, T = q.shape[:2]
     d_final = None if d_final is None else d_final.float().contiguous()
     flat = _flat(q, k, v, s, do)
-    grads = chunk_backward(*flat, d_final, final, tuple(saved), scale, _layout(q, cu_seqlens))
+    grads = chunk_backward(*flat, d_final, final, tuple(saved), scale, _layout(q, s, cu_seqlens))
     dq, dk, dv, ds, dg, d_init = grads
     return (*(x.view(B, T, *x.shape[1:]) for x in (dq, dk, dv, dg, ds)), d_init)
 

@@ -1,5 +1,6 @@
-"""The triton backend of `flash_gsa.gsa`: fused chunkwise kernels for training, a recurrent kernel for decoding."""
+"""The triton backend: fused chunked training kernels and the decoding kernel. `flash_gsa.gsa(..., backend="triton")`
+reaches the training kernels through `flash_gsa.ops.custom_op`."""
 
-from .function import gsa_triton
+from .decode import fused_recurrent_gsa
 
-__all__ = ["gsa_triton"]
+__all__ = ["fused_recurrent_gsa"]

@@ -9,14 +9,14 @@ Gradients, per chunk (same notation as chunk_fwd; dz = gradient of the logits, d
     dg  = reverse cumulative sum over the sequence of  p * dp + z * dz - s * ds  (+ the final state's term)
 where dh*_out is the gradient of the state leaving the chunk, found by a reverse scan of the per-chunk gradients
     Y = [(dzs * exp(b))^T q | (p * exp(b))^T do]  (gradient of the state entering the chunk from its own outputs).
-Buffers written here: p, dzs and pz = p*dp + z*dz [T', HQ, M] fp32; W = key_decay(p), Wd = key_decay(dzs)
-[NC, HQ, C, C] fp32; Y [NC, HQ, M, K + V] fp32; the in-chunk reverse cumsum of dg [T', H, M] fp32 and its chunk totals.
+The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1) and W = key_decay(p).
+Buffers written here: p, dzs and pz = p*dp + z*dz [T', HQ, M] fp32; Wd = key_decay(dzs) [NC, HQ, C, C] and
+Y [NC, HQ, M, K + V] in the state dtype; the in-chunk reverse cumsum of dg [T', H, M] fp32 and its chunk totals.
 """
 
 import triton
 import triton.language as tl
 
-from .chunk_fwd import logits_and_probs
 from .intra import dot, fast_path_ok, key_decay, value_decay, value_decay_t
 
 
@@ -29,11 +29,12 @@ def bwd_query_kernel(
     b_buf,
     S,
     do,
+    z_buf,
+    lse_buf,
     dq,
     p_buf,
     dzs_buf,
     pz_buf,
-    W_buf,
     Wd_buf,
     Y,
     cu_seqlens,
@@ -48,10 +49,11 @@ def bwd_query_kernel(
     C: tl.constexpr,
     SUB: tl.constexpr,
     BK: tl.constexpr,
-    LOWP: tl.constexpr,
     BV: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
-    """One program per (chunk, query head). Recomputes z and p, then writes dq and the buffers above."""
+    """One program per (chunk, query head). Reads the forward's logits z and lse (p = exp(z - lse)), s, b, the
+    states S entering the chunk, v, do, q, k. Writes dq, p, dzs, pz, Wd = key_decay(dzs) and Y."""
     c = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
@@ -62,9 +64,15 @@ def bwd_query_kernel(
     cols = tl.arange(0, C)
     live = rows < n_rows
     cm = tl.arange(0, M)
-    z, p, write, b, A, s_rows, b_rows, fast = logits_and_probs(
-        q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale, H, HQ, K, V, M, C, SUB, BK, LOWP
-    )
+    s_rows = s + t0 * (H * M) + h * M
+    b_rows = b_buf + (c * H + h) * C * M
+    write = tl.load(s_rows + rows[:, None] * (H * M) + cm[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    b = tl.load(b_rows + rows[:, None] * M + cm[None, :])
+    fast = fast_path_ok(b, b_rows, C, M, SUB)
+    tok = (t0 + rows)[:, None] * (HQ * M) + hq * M + cm[None, :]
+    z = tl.load(z_buf + tok, mask=live[:, None], other=0.0)
+    lse = tl.load(lse_buf + (t0 + rows) * HQ + hq, mask=live, other=0.0)
+    p = tl.where(live[:, None], tl.exp(z - lse[:, None]), 0.0)
     s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
     y_base = Y + (c * HQ + hq) * M * (K + V) + cm[:, None] * (K + V)
 
@@ -81,16 +89,12 @@ def bwd_query_kernel(
     dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     dzs = scale * dz
-    tok = (t0 + rows)[:, None] * (HQ * M) + hq * M + cm[None, :]
     tl.store(p_buf + tok, p, mask=live[:, None])
     tl.store(dzs_buf + tok, dzs, mask=live[:, None])
     tl.store(pz_buf + tok, p * dp + z * dz, mask=live[:, None])
 
-    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
-    cc = (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :]
-    tl.store(W_buf + cc, W.to(W_buf.dtype.element_ty))
-    tl.store(Wd_buf + cc, Wd.to(Wd_buf.dtype.element_ty))
+    tl.store(Wd_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :], Wd.to(Wd_buf.dtype.element_ty))
 
     dze = (dzs * tl.exp(b)).to(q.dtype.element_ty)
     Wd = Wd.to(q.dtype.element_ty)
@@ -157,23 +161,23 @@ def bwd_kv_kernel(
     if tile < NKT:
         ck = tile * BK + tl.arange(0, BK)
         kmask = live[:, None] & (ck < K)[None, :]
-        acc = dot(w, tl.load(d_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(w.dtype))
+        acc_k = dot(w, tl.load(d_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(w.dtype))
         for j in range(G):
             hq = h * G + j
             Wd = tl.load(Wd_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :]).to(w.dtype)
             qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
-            acc += dot(tl.trans(Wd), qt)
-        tl.store(dk + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], acc.to(dk.dtype.element_ty), mask=kmask)
-    else:
+            acc_k += dot(tl.trans(Wd), qt)
+        tl.store(dk + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], acc_k.to(dk.dtype.element_ty), mask=kmask)
+    else:  # names differ from the K branch: Triton merges same-named values of both branches by type
         cv = (tile - NKT) * BV + tl.arange(0, BV)
         vmask = live[:, None] & (cv < V)[None, :]
-        acc = dot(w, tl.load(d_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(w.dtype))
+        acc_v = dot(w, tl.load(d_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(w.dtype))
         for j in range(G):
             hq = h * G + j
             W = tl.load(W_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :]).to(w.dtype)
             dot_ = tl.load(do + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], mask=vmask, other=0.0)
-            acc += dot(tl.trans(W), dot_)
-        tl.store(dv + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], acc.to(dv.dtype.element_ty), mask=vmask)
+            acc_v += dot(tl.trans(W), dot_)
+        tl.store(dv + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], acc_v.to(dv.dtype.element_ty), mask=vmask)
 
 
 @triton.jit
@@ -203,8 +207,8 @@ def bwd_gate_kernel(
     C: tl.constexpr,
     SUB: tl.constexpr,
     BK: tl.constexpr,
-    LOWP: tl.constexpr,
     BV: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     """One program per (chunk, kv-head). Reads q, k, v, do, s, b, D and the p/dzs/pz buffers of the group's query
     heads. Writes ds, the in-chunk reverse cumulative sum of db = sum_heads(p dp + z dz) - s * ds, and its total."""
@@ -220,7 +224,7 @@ def bwd_gate_kernel(
     write = tl.load(s + gs_off, mask=live[:, None], other=0.0).to(tl.float32)
     b_rows = b_buf + (c * H + h) * C * M
     b = tl.load(b_rows + rows[:, None] * M + cm[None, :])
-    fast = fast_path_ok(b, C, SUB)
+    fast = fast_path_ok(b, b_rows, C, M, SUB)
     last = tl.load(b_last + (c * H + h) * M + cm)
     d_base = D + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
 

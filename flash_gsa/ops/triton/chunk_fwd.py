@@ -4,14 +4,17 @@ Layouts (all contiguous; T' = tokens of all sequences packed; NC = chunks of all
     q [T', HQ, K], k [T', H, K], v [T', H, V], g, s [T', H, M], o [T', HQ, V]
     b      [NC, H, C, M] fp32: cumulative log-gate inside each chunk (rows past a short chunk's end repeat its last)
     b_last [NC, H, M]    fp32: log-decay over the whole chunk
-    S      [NC, H, M, K + V] fp32: both states side by side, slot-major: S[..., :K] = hk^T, S[..., K:] = hv.
+    S      [NC, H, M, K + V]: both states side by side, slot-major: S[..., :K] = hk^T, S[..., K:] = hv (bf16 for
+           16-bit inputs, else fp32; see function.state_dtype)
+    z [T', HQ, M] fp32 and lse [T', HQ] fp32: the slot logits and their log-sum-exp; W [NC, HQ, C, C]: pass-2
+           weights (both for the backward).
 A chunk never straddles two sequences; `chunk_seq`/`chunk_start` give each chunk's sequence and first token.
 """
 
 import triton
 import triton.language as tl
 
-from .intra import dot, fast_path_ok, key_decay, row_of, value_decay
+from .intra import dot, fast_path_ok, key_decay, value_decay
 
 
 @triton.jit
@@ -49,7 +52,7 @@ def chunk_local_kernel(
 
     b = tl.cumsum(gate, axis=0)
     tl.store(b_buf + ((c * H + h) * C + rows[:, None]) * M + cm[None, :], b)
-    last = row_of(b, C - 1, C)
+    last = tl.sum(gate, axis=0)  # = b's last row
     tl.store(b_last + (c * H + h) * M + cm, last)
     wt = tl.trans(write * tl.exp(last[None, :] - b)).to(k.dtype.element_ty)  # [M, C]
 
@@ -124,31 +127,42 @@ def chunk_scan_kernel(
 
 
 @triton.jit
-def logits_and_probs(
+def chunk_output_kernel(
     q,
     k,
+    v,
     s,
     b_buf,
     S,
-    c,
-    hq,
-    h,
-    t0,
-    n_rows,
+    o,
+    z_buf,
+    lse_buf,
+    W_buf,
+    cu_seqlens,
+    chunk_seq,
+    chunk_start,
     scale,
     H: tl.constexpr,
-    HQ: tl.constexpr,
+    G: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     M: tl.constexpr,
     C: tl.constexpr,
     SUB: tl.constexpr,
     BK: tl.constexpr,
+    BV: tl.constexpr,
     LOWP: tl.constexpr,
 ):
-    """Pass 1 and the softmax for one chunk and query head: z = scale * (q @ hk) per token, p = softmax_M(z).
-    Returns z, p (zero on rows past the chunk's end), s, b, A = q k^T, the row pointers of s and b, and whether
-    the fast intra-chunk path applies."""
+    """One program per (chunk, query head). Reads q, k, v, s of the chunk, b and the states S entering it.
+    Pass 1: z = scale * (q @ hk) per token (inter-chunk through S, intra-chunk through value_decay of A = q k^T),
+    p = softmax_M(z). Pass 2: o = (p * exp(b)) @ hv + W @ v with W[i, j] = sum_m p_i s_j exp(b_i - b_j).
+    Writes o, and for the backward z [T', HQ, M], its log-sum-exp lse [T', HQ] and W [NC, HQ, C, C]."""
+    c = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // G
+    HQ: tl.constexpr = H * G
+    t0 = tl.load(chunk_start + c)
+    n_rows = tl.minimum(tl.load(cu_seqlens + tl.load(chunk_seq + c) + 1) - t0, C)
     rows = tl.arange(0, C)
     live = rows < n_rows
     cm = tl.arange(0, M)
@@ -156,7 +170,7 @@ def logits_and_probs(
     b_rows = b_buf + (c * H + h) * C * M
     write = tl.load(s_rows + rows[:, None] * (H * M) + cm[None, :], mask=live[:, None], other=0.0).to(tl.float32)
     b = tl.load(b_rows + rows[:, None] * M + cm[None, :])
-    fast = fast_path_ok(b, C, SUB)
+    fast = fast_path_ok(b, b_rows, C, M, SUB)
     s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
 
     z_inter = tl.zeros([C, M], dtype=tl.float32)
@@ -170,57 +184,22 @@ def logits_and_probs(
         z_inter += dot(qt, tl.trans(hk))
         A += dot(qt, tl.trans(kt))
     z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP))
-    e = tl.exp(z - tl.max(z, axis=1)[:, None])
-    p = tl.where(live[:, None], e / tl.sum(e, axis=1)[:, None], 0.0)
-    return z, p, write, b, A, s_rows, b_rows, fast
+    z_max = tl.max(z, axis=1)
+    e = tl.exp(z - z_max[:, None])
+    total = tl.sum(e, axis=1)
+    p = tl.where(live[:, None], e / total[:, None], 0.0)
+    tok = t0 + rows
+    tl.store(z_buf + tok[:, None] * (HQ * M) + hq * M + cm[None, :], z, mask=live[:, None])
+    tl.store(lse_buf + tok * HQ + hq, z_max + tl.log(total), mask=live)
 
-
-@triton.jit
-def chunk_output_kernel(
-    q,
-    k,
-    v,
-    s,
-    b_buf,
-    S,
-    o,
-    cu_seqlens,
-    chunk_seq,
-    chunk_start,
-    scale,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    M: tl.constexpr,
-    C: tl.constexpr,
-    SUB: tl.constexpr,
-    BK: tl.constexpr,
-    LOWP: tl.constexpr,
-    BV: tl.constexpr,
-):
-    """One program per (chunk, query head). Reads q, k, v, s of the chunk, b and the states S entering it.
-    Writes o = (p * exp(b)) @ hv + W @ v with W[i, j] = sum_m p_i s_j exp(b_i - b_j) (pass 2)."""
-    c = tl.program_id(0)
-    hq = tl.program_id(1)
-    h = hq // G
-    HQ: tl.constexpr = H * G
-    t0 = tl.load(chunk_start + c)
-    n_rows = tl.minimum(tl.load(cu_seqlens + tl.load(chunk_seq + c) + 1) - t0, C)
-    rows = tl.arange(0, C)
-    live = rows < n_rows
-    cm = tl.arange(0, M)
-
-    z, p, write, b, A, s_rows, b_rows, fast = logits_and_probs(
-        q, k, s, b_buf, S, c, hq, h, t0, n_rows, scale, H, HQ, K, V, M, C, SUB, BK, LOWP
-    )
     W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP).to(v.dtype.element_ty)
+    cols = tl.arange(0, C)
+    tl.store(W_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :], W.to(W_buf.dtype.element_ty))
     pe = (p * tl.exp(b)).to(v.dtype.element_ty)
-    s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V) + K
     for v0 in range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         vmask = live[:, None] & (cv < V)[None, :]
         vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=vmask, other=0.0)
-        hv = tl.load(s_base + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(vt.dtype)  # [M, BV]
+        hv = tl.load(s_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(vt.dtype)  # [M, BV]
         out = dot(pe, hv) + dot(W, vt)
         tl.store(o + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], out.to(o.dtype.element_ty), mask=vmask)

@@ -1,6 +1,9 @@
 """Every tunable of the Triton backend, in one place."""
 
-CHUNK = 64  # tokens per chunk: states are stored at chunk boundaries
+CHUNK = 64  # tokens per chunk (at M <= 64): states are stored at chunk boundaries
+CHUNK_SLOTS = 4096  # at most this many chunk rows x slots: larger M takes shorter chunks (M = 128: 32, 256: 16), which
+# keeps the [C, M] tiles of the per-chunk kernels within registers and shared memory (M = 128 at C = 64 needed 320 KiB
+# of shared memory, above the H100's 227 KiB; `gsa bench resources` shows the figures).
 SUB = 16  # sub-chunk inside a chunk: pairs within one are taken exactly, across them through an anchor
 FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
 BLOCK_K = 64  # tile of the key dimension K in matrix products
@@ -9,7 +12,7 @@ BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
 BLOCK_SCAN_M = 16  # ... and slots (rows); small tiles give the latency-bound scan more programs
 
 NUM_WARPS = {"local": 4, "scan": 4, "output": 8, "bwd_query": 8, "bwd_kv": 4, "bwd_gate": 8}
-NUM_STAGES = {"local": 2, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}
+NUM_STAGES = {"local": 2, "scan": 3, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}
 # Measured on an H100 (bf16, 32K tokens, H=4, M=64, K=V=256 and 512): 8 warps beat 4 by 15-25% on the three
 # heavy kernels; stages barely matter.
 # bf16 operands for the intra-chunk products of 16-bit inputs (else fp32, i.e. tf32 on tensor cores). The H100
@@ -17,3 +20,8 @@ NUM_STAGES = {"local": 2, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 
 # error from ~2e-2 to ~4e-2 at T = 2048.
 LOWP_FORWARD = False
 LOWP_BACKWARD = False
+
+
+def chunk_size(M: int) -> int:
+    """Tokens per chunk for M slots: CHUNK, shortened so that chunk x M <= CHUNK_SLOTS, never below SUB."""
+    return max(SUB, min(CHUNK, CHUNK_SLOTS // M))

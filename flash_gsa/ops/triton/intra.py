@@ -42,10 +42,11 @@ FAST_DECAY_LIMIT = tl.constexpr(config.FAST_DECAY_LIMIT)
 
 
 @triton.jit
-def row_of(x, r: tl.constexpr, C: tl.constexpr):
-    """Row r of a [C, N] register tensor, as [N]."""
-    rows = tl.arange(0, C)
-    return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
+def anchor(b_rows, I: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
+    """beta of sub-chunk I: b at the row before it ([M], loaded from the chunk's b scratch; 0 for I = 0)."""
+    if I == 0:
+        return tl.zeros([M], dtype=tl.float32)
+    return tl.load(b_rows + (I * SUB - 1) * M + tl.arange(0, M))
 
 
 @triton.jit
@@ -65,13 +66,12 @@ def mm(a, b, LOWP: tl.constexpr):
 
 
 @triton.jit
-def fast_path_ok(b, C: tl.constexpr, SUB: tl.constexpr):
+def fast_path_ok(b, b_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
     """True when every row's decay since the start of its sub-chunk stays above -FAST_DECAY_LIMIT."""
     rows = tl.arange(0, C)
-    anchor = tl.zeros_like(b)
-    for I in tl.static_range(1, C // SUB):
-        anchor += tl.where((rows // SUB == I)[:, None], row_of(b, I * SUB - 1, C)[None, :], 0.0)
-    return tl.min(tl.min(b - anchor, axis=1), axis=0) > -FAST_DECAY_LIMIT
+    before = rows // SUB * SUB - 1  # the anchor row of each row's sub-chunk (-1: none, beta = 0)
+    beta = tl.load(b_rows + before[:, None] * M + tl.arange(0, M)[None, :], mask=(before >= 0)[:, None], other=0.0)
+    return tl.min(tl.min(b - beta, axis=1), axis=0) > -FAST_DECAY_LIMIT
 
 
 @triton.jit
@@ -108,7 +108,7 @@ def value_decay(
     if fast:
         A = tl.where(cols[None, :] <= rows[:, None], A, 0.0)
     for I in tl.static_range(C // SUB):  # through the anchor of sub-chunk I (beta = 0 for I = 0)
-        beta = row_of(b, I * SUB - 1, C)
+        beta = anchor(b_rows, I, M, SUB)
         reach = tl.where(fast, (I + 1) * SUB, I * SUB)
         key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
         lift = tl.where((rows // SUB == I)[:, None], tl.exp(b - beta[None, :]), 0.0)
@@ -142,7 +142,7 @@ def key_decay(
     cols = tl.arange(0, C)
     W = tl.zeros([C, C], dtype=tl.float32)
     for I in tl.static_range(C // SUB):
-        beta = row_of(b, I * SUB - 1, C)
+        beta = anchor(b_rows, I, M, SUB)
         reach = tl.where(fast, (I + 1) * SUB, I * SUB)
         key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
         xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
@@ -180,7 +180,7 @@ def value_decay_t(
     if fast:
         A = tl.where(cols[None, :] <= rows[:, None], A, 0.0)
     for I in tl.static_range(C // SUB):  # sub-chunk I reaching back to the rows j before it (and into it, if fast)
-        beta = row_of(b, I * SUB - 1, C)
+        beta = anchor(b_rows, I, M, SUB)
         reach = tl.where(fast, (I + 1) * SUB, I * SUB)
         xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
         part = mm(tl.trans(A), xq, LOWP)

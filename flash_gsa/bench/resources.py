@@ -1,0 +1,185 @@
+"""`gsa bench resources`: compile the Triton kernels for an NVIDIA GPU on any machine, no GPU needed, and report what
+each needs: shared memory, registers per thread and local-memory stack (register spills).
+
+Triton lowers a kernel to PTX and runs ptxas without touching a device, so the launch code of the triton backend is
+run on CPU tensors with two things swapped in: a stand-in driver that names the target (sm_90, the H100, by default)
+and a `JITFunction.run` that compiles instead of launching. Registers, stack and spills come from `ptxas -v` on the PTX,
+shared memory from Triton's metadata. Nothing is timed: this catches kernels that cannot launch (shared
+memory above the per-block limit) and register spills, which make a kernel slow, before any GPU is at hand.
+
+    gsa bench resources                      # the benchmark shapes and the largest supported ones
+    gsa bench resources --shape 256,256,128  # K,V,M
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Per-block shared memory a kernel may use (opt-in maximum) and the register file, per compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+REGISTERS_PER_SM = 65536
+DEFAULT_SHAPES = ((256, 256, 64), (512, 512, 64), (256, 256, 128), (512, 512, 256), (64, 64, 16))
+
+
+@dataclass
+class KernelResources:
+    kernel: str
+    K: int
+    V: int
+    M: int
+    num_warps: int
+    shared_bytes: int
+    registers: int
+    stack_bytes: int
+    spill_bytes: int  # bytes of spill stores + spill loads in the code (static counts, not traffic)
+    fits: bool  # shared memory within the per-block limit: the kernel can launch
+
+    @property
+    def blocks_per_sm(self) -> int:
+        threads = 32 * self.num_warps
+        return max(0, REGISTERS_PER_SM // max(1, self.registers * threads))
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
+    """Registers, stack frame and spill traffic, as `ptxas -v` reports them for the kernel's PTX."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f, tempfile.TemporaryDirectory() as out:
+        f.write(ptx)
+        f.flush()
+        cmd = [ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.path.join(out, "k.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "stack_bytes": number(r"(\d+) bytes stack frame"),
+        "spill_bytes": number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
+    }
+
+
+@contextlib.contextmanager
+def offline_compilation(arch: int = 90) -> Iterator[list[tuple[str, dict, object]]]:
+    """Within the block, launching a Triton kernel compiles it for sm_<arch> and records (name, constexprs, compiled
+    kernel) in the yielded list instead of running it. Not thread-safe; restores Triton on exit."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("offline compilation needs the kernels compiled, not interpreted: unset TRITON_INTERPRET")
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class _Target:
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    compiled: list[tuple[str, dict, object]] = []
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kwargs, kernel))
+        return kernel
+
+    active = driver._active  # None until first use; reset_active() would fail on a machine without a GPU
+    driver.set_active(_Target())
+    JITFunction.run = compile_only
+    try:
+        yield compiled
+    finally:
+        JITFunction.run = run
+        driver._active = active
+
+
+def training_kernel_resources(
+    K: int, V: int, M: int, *, G: int = 1, dtype: torch.dtype = torch.bfloat16, arch: int = 90
+) -> list[KernelResources]:
+    """Compile the forward and backward kernels of the triton backend for one shape; one record per kernel."""
+    from ..ops.triton import config
+    from ..ops.triton.function import chunk_backward, chunk_forward, layout_for
+
+    H, T = 1, 2 * config.chunk_size(M)
+    q = torch.randn(T, H * G, K, dtype=dtype)
+    k, v = torch.randn(T, H, K, dtype=dtype), torch.randn(T, H, V, dtype=dtype)
+    g, s = -torch.rand(T, H, M, dtype=dtype), torch.rand(T, H, M, dtype=dtype)
+    layout = layout_for(1, T, None, M, q.device)
+    with offline_compilation(arch) as compiled:
+        o, final, saved = chunk_forward(q, k, v, g, s, 1.0, None, layout)
+        chunk_backward(q, k, v, s, torch.randn_like(o), None, final, saved, 1.0, layout)
+    records, seen = [], set()
+    for name, _, kernel in compiled:
+        if name in seen:  # the scan runs twice (forward and reverse) with the same resources
+            continue
+        seen.add(name)
+        md = kernel.metadata
+        records.append(
+            KernelResources(
+                name, K, V, M, md.num_warps, md.shared, **_ptxas_report(kernel.asm["ptx"], arch),
+                fits=md.shared <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]),
+            )
+        )
+    return records
+
+
+def format_table(records: Sequence[KernelResources]) -> str:
+    lines = [
+        "| K | V | M | kernel | warps | shared KiB | regs | stack B | spill B | blocks/SM | launches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r.K} | {r.V} | {r.M} | {r.kernel} | {r.num_warps} | {r.shared_bytes / 1024:.0f} | {r.registers} "
+            f"| {r.stack_bytes} | {r.spill_bytes} | {r.blocks_per_sm} | {'yes' if r.fits else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        K, V, M = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K,V,M (e.g. 256,256,64), got {text!r}") from None
+    return K, V, M
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gsa bench resources", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", type=_shape, action="append", metavar="K,V,M", help="repeatable (default: a set)")
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
+    p.add_argument("--json", help="also write the records to this file")
+    args = p.parse_args(argv)
+    records = []
+    for K, V, M in args.shape or DEFAULT_SHAPES:
+        records += training_kernel_resources(K, V, M, arch=args.arch)
+    print(format_table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in records], f, indent=1)
+    return 0 if all(r.fits for r in records) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""Every training kernel of the triton backend can launch on an H100 at the largest supported sizes.
+
+The kernels are compiled for sm_90 on this (GPU-less) machine by `gsa bench resources` (Triton and its bundled ptxas
+need no device), in a subprocess because the test session runs Triton in interpreter mode. A kernel whose shared
+memory exceeds the H100's 227 KiB per block fails at launch with OutOfResources, which the interpreter never shows:
+before chunk sizes depended on M, M = 128 with K = V = 256 needed 320 KiB in bwd_query.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build has no bundled ptxas")
+def test_largest_shapes_fit_h100_shared_memory(tmp_path):
+    shapes = ["512,512,256", "256,256,128", "512,512,64", "512,16,16"]
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "flash_gsa.bench.resources", "--json", str(out)]
+    for shape in shapes:
+        cmd += ["--shape", shape]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.exists(), done.stderr[-3000:]
+    records = json.loads(out.read_text())
+    kernels = {"chunk_local_kernel", "chunk_scan_kernel", "chunk_output_kernel", "bwd_query_kernel", "bwd_kv_kernel",
+               "bwd_gate_kernel"}
+    for shape in shapes:
+        K, V, M = (int(x) for x in shape.split(","))
+        found = {r["kernel"] for r in records if (r["K"], r["V"], r["M"]) == (K, V, M)}
+        assert found == kernels, f"{shape}: compiled {sorted(found)}"
+    too_big = [(r["kernel"], r["K"], r["V"], r["M"], r["shared_bytes"]) for r in records if r["shared_bytes"] > 232448]
+    assert not too_big, f"shared memory above the H100 limit: {too_big}"
+    assert all(r["registers"] > 0 for r in records), "ptxas reported no register counts"
+    assert done.returncode == 0, done.stdout[-3000:]
