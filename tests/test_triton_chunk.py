@@ -204,32 +204,85 @@ def relative_errors(actual: list, expected: list) -> list[float]:
     return [((a.double() - e).norm() / e.norm()).item() for a, e in zip(actual, expected, strict=True)]
 
 
-def real_size_errors(device, B, T, HQ, H, K, V, M) -> dict[str, float]:
-    """bf16 kernels (q, k, v bf16, gates fp32, as the layer calls them) against the chunk backend in float64 on the
-    same values: relative Frobenius errors of o, both final states and every gradient. NaN in any output fails."""
-    q = torch.randn(B, T, HQ, K, device=device)
-    k = torch.randn(B, T, H, K, device=device)
-    q, k = F.silu(q), F.silu(k)  # the layer's default feature map
+def real_size_inputs(device, B, T, HQ, H, K, V, M):
+    """bf16 q, k, v (after the layer's SiLU feature map), fp32 gates with the layer's normalizer 8, s = 1 - exp(g), an
+    initial state and random loss weights for o and both final states."""
+    q = F.silu(torch.randn(B, T, HQ, K, device=device))
+    k = F.silu(torch.randn(B, T, H, K, device=device))
     v = F.silu(torch.randn(B, T, H, V, device=device))
-    g = F.logsigmoid(torch.randn(B, T, H, M, device=device)) / 8  # the layer's gate with its default normalizer
-    inputs = [q.bfloat16(), k.bfloat16(), v.bfloat16(), g]
+    g = F.logsigmoid(torch.randn(B, T, H, M, device=device)) / 8
+    inputs = [q.bfloat16(), k.bfloat16(), v.bfloat16(), g, -torch.expm1(g)]
     h0 = (torch.randn(B, H, K, M, device=device), torch.randn(B, H, M, V, device=device))
     weights = [torch.randn(B, T, HQ, V, device=device), torch.randn(B, H, K, M, device=device),
                torch.randn(B, H, M, V, device=device)]
-    outs, grads = forward_backward("triton", inputs, h0, None, None, weights)
-    for x in outs + grads:
-        assert torch.isfinite(x).all(), "NaN or inf in the triton backend's results"
-    f64 = [x.double() for x in inputs]
-    ref_outs, ref_grads = forward_backward("chunk", f64, tuple(x.double() for x in h0), None, None, weights)
-    names = ["o", "hk", "hv", "dq", "dk", "dv", "dg", "dhk0", "dhv0"]
-    return dict(zip(names, relative_errors(outs + grads, ref_outs + ref_grads), strict=True))
+    return inputs, h0, weights
+
+
+NAMES = ["o", "hk", "hv", "dq", "dk", "dv", "dg", "ds", "dhk0", "dhv0"]
+
+
+def errors_against_fp64(results, inputs, h0, weights) -> dict[str, float]:
+    """Relative Frobenius errors of (outs, grads) against the chunk backend in float64 on the same values."""
+    ref_outs, ref_grads = forward_backward("chunk", [x.double() for x in inputs], tuple(x.double() for x in h0), None,
+                                           None, weights)
+    outs, grads = results
+    return dict(zip(NAMES, relative_errors(outs + grads, ref_outs + ref_grads), strict=True))
+
+
+def finite(results):
+    for x in results[0] + results[1]:
+        assert torch.isfinite(x).all(), "NaN or inf in the results"
+    return results
+
+
+# bf16 bounds at real size. Every tensor but dg: its error comes from rounding the operands of the products to bf16
+# (2^-9 relative), measured 2-4e-3 on an H100 at T = 2048; allowed 2e-2. dg (= a reverse cumulative sum over all
+# later tokens of terms carrying such errors, with cancellation) grows with T: under the interpreter (K = V = 32,
+# layer-like gates) 1.1e-2 at T = 1024 and 2.8e-2 at T = 4096 (1.8e-2 with fp32 chunk states); on the H100 1.6-3.7e-2
+# at T = 2048. Allowed 6e-2 at T = 8192; the comparison with fla below says whether a peer does better.
+TOL_REAL = 2e-2
+TOL_REAL_DG = 6e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: a real-size run (on CPU the interpreter covers the kernels)")
-def test_real_size_bf16_on_gpu(device):
-    """B * T = 32K tokens, K = V = 256, M = 64, bf16: every relative error < 2e-2 (printed: run with -s)."""
-    errors = real_size_errors(device, B=4, T=8192, HQ=4, H=4, K=256, V=256, M=64)
-    print("relative errors of the triton backend (bf16) vs chunk (fp64):", {k: f"{e:.1e}" for k, e in errors.items()})
-    bad = {k: e for k, e in errors.items() if not e < 2e-2}  # `not <` so that NaN fails too
-    assert not bad, f"relative errors above 2e-2: {bad}"
+@pytest.mark.parametrize("KV", [256, 512])
+def test_real_size_bf16_on_gpu(device, KV):
+    """B * T = 32K tokens, K = V = 256 and 512, M = 64, bf16, against float64 (errors printed: run with -s)."""
+    inputs, h0, weights = real_size_inputs(device, B=4, T=8192, HQ=4, H=4, K=KV, V=KV, M=64)
+    ours = finite(forward_backward("triton", inputs, h0, None, None, weights))
+    errors = errors_against_fp64(ours, inputs, h0, weights)
+    print(f"K=V={KV}: relative errors of the triton backend (bf16) vs chunk (fp64):",
+          {k: f"{e:.1e}" for k, e in errors.items()})
+    bad = {k: e for k, e in errors.items() if not e < (TOL_REAL_DG if k == "dg" else TOL_REAL)}  # NaN fails too
+    assert not bad, f"relative errors above {TOL_REAL:.0e} ({TOL_REAL_DG:.0e} for dg): {bad}"
+
+
+def fla_forward_backward(inputs, h0, weights):
+    """The same loss through fla 0.6.0's chunk_gsa (q, k, v [B, T, H, D], s, g [B, T, H, M], state (hk, hv))."""
+    from fla.ops.gsa import chunk_gsa
+
+    q, k, v, g, s = (x.detach().clone().requires_grad_() for x in inputs)
+    hs = tuple(x.detach().clone().requires_grad_() for x in h0)
+    o, (hk, hv) = chunk_gsa(q, k, v, s, g, scale=q.shape[-1] ** -0.5, initial_state=hs, output_final_state=True)
+    loss = sum((y * w.to(y.dtype)).sum() for y, w in zip((o, hk, hv), weights, strict=True))
+    dq, dk, dv, ds, dg, dhk0, dhv0 = torch.autograd.grad(loss, [q, k, v, s, g, *hs])
+    return [o, hk, hv], [dq, dk, dv, dg, ds, dhk0, dhv0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_agrees_with_fla_on_gpu(device):
+    """Against fla's chunk_gsa on the same bf16 inputs (B * T = 32K, K = V = 256, M = 64): both are compared with
+    float64; ours must be at least about as accurate as the peer (error <= 1.5x fla's + 2e-3) on every tensor."""
+    pytest.importorskip("fla.ops.gsa", reason="fla (the peer) is not installed: pip install ../shared/wheels/*.whl")
+    inputs, h0, weights = real_size_inputs(device, B=4, T=8192, HQ=4, H=4, K=256, V=256, M=64)
+    ours = finite(forward_backward("triton", inputs, h0, None, None, weights))
+    peer = finite(fla_forward_backward(inputs, h0, weights))
+    err_ours = errors_against_fp64(ours, inputs, h0, weights)
+    err_peer = errors_against_fp64(peer, inputs, h0, weights)
+    between = dict(zip(NAMES, relative_errors(ours[0] + ours[1], [x.double() for x in peer[0] + peer[1]]), strict=True))
+    for name in NAMES:
+        print(f"{name}: ours {err_ours[name]:.1e}  fla {err_peer[name]:.1e}  ours vs fla {between[name]:.1e}")
+    worse = {n: (err_ours[n], err_peer[n]) for n in NAMES if not err_ours[n] <= 1.5 * err_peer[n] + 2e-3}
+    assert not worse, f"less accurate than fla (ours, fla): {worse}"
