@@ -4,6 +4,7 @@
     gsa generate runs/demo --prompt "It was"
     gsa plot runs/a runs/b --out curves.png
     gsa mqar [--quick] [--budget-s 480] [--workers 4]
+    gsa bench op|resources|train|lm [...]
 
 Adding a subcommand: write `_add_<name>(subparsers)` that adds its parser and sets `run=<handler>`, and list it in
 `COMMANDS`. A handler takes the parsed arguments and returns an exit code.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 import typing
@@ -135,26 +137,28 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {
+    "op": "the GSA operator against its peers (fla chunk_gsa, SDPA), forward and forward+backward, and decoding",
+    "resources": "shared memory, registers and spills of the Triton kernels, compiled for a GPU without one",
+    "train": "tokens/s of a full training step against fla's GSAForCausalLM and a Llama (SDPA) of the same size",
+    "lm": "train gsa, gla and attention on the same tokens; held-out perplexity, tokens/s and peak memory",
+}
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (`gsa bench op --help`)", description="Run a benchmark.")
-    p.add_argument(
-        "name",
-        choices=("op", "resources"),
-        help="op: the GSA operator against its peers; resources: shared memory, registers and spills of the "
-        "Triton kernels, compiled for a GPU without one",
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks (`gsa bench NAME --help`)",
+        description="Run a benchmark: " + "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()),
     )
+    p.add_argument("name", choices=tuple(BENCHMARKS), help="which benchmark")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    if args.name == "resources":
-        from .bench.resources import main as bench_resources
-
-        return bench_resources(args.args)
-    from .bench.op import main as bench_op
-
-    return bench_op(args.args)
+    module = importlib.import_module(f"flash_gsa.bench.{args.name}")
+    return module.main(args.args)
 
 
 def _add_mqar(sub: argparse._SubParsersAction) -> None:

@@ -21,6 +21,13 @@ NUM_STAGES = {"local": 2, "scan": 3, "output": 1, "bwd_query": 2, "bwd_kv": 2, "
 LOWP_FORWARD = False
 LOWP_BACKWARD = False
 
+# Decoding kernel (decode.py): each program keeps one tile of a state in registers.
+DECODE_MAX_TILE = 4096  # largest state tile of one program, in fp32 elements (MAX_TILE / (32 * NUM_WARPS) registers)
+DECODE_MIN_TILE = 1024  # smallest tile the heuristic shrinks to when the grid is small
+DECODE_TARGET_PROGRAMS = 264  # shrink tiles until each launch has about this many programs (two waves of 132 SMs)
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 1
+
 
 def chunk_size(M: int) -> int:
     """Tokens per chunk for M slots: CHUNK, shortened so that chunk x M <= CHUNK_SLOTS, never below SUB."""

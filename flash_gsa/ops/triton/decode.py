@@ -28,15 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-State = tuple[torch.Tensor, torch.Tensor]
+from . import config
 
-# ---- tunables -------------------------------------------------------------------------------------------------------
-MAX_TILE = 4096  # largest state tile of one program, in fp32 elements (registers: MAX_TILE / (32 * NUM_WARPS) each)
-MIN_TILE = 1024  # smallest tile the heuristic shrinks to when the grid is small
-TARGET_PROGRAMS = 264  # shrink tiles until each launch has about this many programs (two waves of 132 SMs)
-NUM_WARPS = 4
-NUM_STAGES = 1
-# ---------------------------------------------------------------------------------------------------------------------
+State = tuple[torch.Tensor, torch.Tensor]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -191,9 +185,11 @@ def _block(extent: int, bm: int, tile: int) -> int:
 
 
 def _tiles(n_heads: int, k: int, v: int, bm: int) -> tuple[int, int]:
-    """(BK, BV): the largest tiles up to MAX_TILE that still give about TARGET_PROGRAMS programs per launch."""
-    tile = MAX_TILE
-    while tile > MIN_TILE and n_heads * triton.cdiv(max(k, v), _block(max(k, v), bm, tile)) < TARGET_PROGRAMS:
+    """(BK, BV): the largest tiles up to DECODE_MAX_TILE that still give about DECODE_TARGET_PROGRAMS programs."""
+    tile = config.DECODE_MAX_TILE
+    while tile > config.DECODE_MIN_TILE and n_heads * triton.cdiv(max(k, v), _block(max(k, v), bm, tile)) < (
+        config.DECODE_TARGET_PROGRAMS
+    ):
         tile //= 2
     return _block(k, bm, tile), _block(v, bm, tile)
 
@@ -315,8 +311,8 @@ def fused_recurrent_gsa(
         VARLEN=cu_seqlens is not None,
         HAS_H0=has_h0,
         STORE_FINAL=store_final,
-        num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        num_warps=config.DECODE_NUM_WARPS,
+        num_stages=config.DECODE_NUM_STAGES,
     )
     if N * H > 0:
         _gsa_decode_keys_kernel[(N * H * NK,)](
