@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .intra import dot, fast_path_ok, key_decay, value_decay, value_decay_t
+from .tiles import chunk_block, chunk_span, load_slots, load_tile, state_tile, store_slots, store_tile
 
 
 @triton.jit
@@ -58,61 +59,48 @@ def bwd_query_kernel(
     hq = tl.program_id(1)
     h = hq // G
     HQ: tl.constexpr = H * G
-    t0 = tl.load(chunk_start + c)
-    n_rows = tl.minimum(tl.load(cu_seqlens + tl.load(chunk_seq + c) + 1) - t0, C)
-    rows = tl.arange(0, C)
-    cols = tl.arange(0, C)
-    live = rows < n_rows
-    cm = tl.arange(0, M)
+    t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
+    live = tl.arange(0, C) < n_rows
     s_rows = s + t0 * (H * M) + h * M
     b_rows = b_buf + (c * H + h) * C * M
-    write = tl.load(s_rows + rows[:, None] * (H * M) + cm[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-    b = tl.load(b_rows + rows[:, None] * M + cm[None, :])
+    write = load_slots(s, t0, h, H, n_rows, C, M)
+    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     fast = fast_path_ok(b, b_rows, C, M, SUB)
-    tok = (t0 + rows)[:, None] * (HQ * M) + hq * M + cm[None, :]
-    z = tl.load(z_buf + tok, mask=live[:, None], other=0.0)
-    lse = tl.load(lse_buf + (t0 + rows) * HQ + hq, mask=live, other=0.0)
+    z = load_slots(z_buf, t0, hq, HQ, n_rows, C, M)
+    lse = tl.load(lse_buf + (t0 + tl.arange(0, C)) * HQ + hq, mask=live, other=0.0)
     p = tl.where(live[:, None], tl.exp(z - lse[:, None]), 0.0)
-    s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
-    y_base = Y + (c * HQ + hq) * M * (K + V) + cm[:, None] * (K + V)
 
     dp_inter = tl.zeros([C, M], dtype=tl.float32)
     DV = tl.zeros([C, C], dtype=tl.float32)
     for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        vmask = live[:, None] & (cv < V)[None, :]
-        dot_ = tl.load(do + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], mask=vmask, other=0.0)
-        vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=vmask, other=0.0)
-        hv = tl.load(s_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(dot_.dtype)
-        dp_inter += dot(dot_, tl.trans(hv))
-        DV += dot(dot_, tl.trans(vt))
+        dot_ = load_tile(do, t0, hq, HQ, V, v0, n_rows, C, BV)
+        ptrs, mask = state_tile(S, c, h, H, M, K + V, K, V, v0, BV)
+        dp_inter += dot(dot_, tl.trans(tl.load(ptrs, mask=mask, other=0.0).to(dot_.dtype)))  # do @ hv^T
+        DV += dot(dot_, tl.trans(load_tile(v, t0, h, H, V, v0, n_rows, C, BV)))
     dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     dzs = scale * dz
-    tl.store(p_buf + tok, p, mask=live[:, None])
-    tl.store(dzs_buf + tok, dzs, mask=live[:, None])
-    tl.store(pz_buf + tok, p * dp + z * dz, mask=live[:, None])
+    store_slots(p_buf, p, t0, hq, HQ, n_rows, C, M)
+    store_slots(dzs_buf, dzs, t0, hq, HQ, n_rows, C, M)
+    store_slots(pz_buf, p * dp + z * dz, t0, hq, HQ, n_rows, C, M)
 
     Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
-    tl.store(Wd_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :], Wd.to(Wd_buf.dtype.element_ty))
+    tl.store(chunk_block(Wd_buf, c, hq, HQ, C, C), Wd.to(Wd_buf.dtype.element_ty))
 
     dze = (dzs * tl.exp(b)).to(q.dtype.element_ty)
     Wd = Wd.to(q.dtype.element_ty)
     for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        kmask = live[:, None] & (ck < K)[None, :]
-        qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
-        kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
-        hk = tl.load(s_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(qt.dtype)
-        dqt = dot(dze, hk) + dot(Wd, kt)
-        tl.store(dq + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], dqt.to(dq.dtype.element_ty), mask=kmask)
-        tl.store(y_base + ck[None, :], dot(tl.trans(dze), qt).to(Y.dtype.element_ty), mask=(ck < K)[None, :])
+        qt = load_tile(q, t0, hq, HQ, K, k0, n_rows, C, BK)
+        ptrs, mask = state_tile(S, c, h, H, M, K + V, 0, K, k0, BK)
+        hk = tl.load(ptrs, mask=mask, other=0.0).to(qt.dtype)
+        store_tile(dq, dot(dze, hk) + dot(Wd, load_tile(k, t0, h, H, K, k0, n_rows, C, BK)), t0, hq, HQ, K, k0,
+                   n_rows, C, BK)
+        ptrs, mask = state_tile(Y, c, hq, HQ, M, K + V, 0, K, k0, BK)
+        tl.store(ptrs, dot(tl.trans(dze), qt).to(Y.dtype.element_ty), mask=mask)
     pe = tl.trans(p * tl.exp(b)).to(do.dtype.element_ty)
     for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        vmask = live[:, None] & (cv < V)[None, :]
-        dot_ = tl.load(do + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], mask=vmask, other=0.0)
-        tl.store(y_base + K + cv[None, :], dot(pe, dot_).to(Y.dtype.element_ty), mask=(cv < V)[None, :])
+        ptrs, mask = state_tile(Y, c, hq, HQ, M, K + V, K, V, v0, BV)
+        tl.store(ptrs, dot(pe, load_tile(do, t0, hq, HQ, V, v0, n_rows, C, BV)).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -147,37 +135,27 @@ def bwd_kv_kernel(
     tile = tl.program_id(2)
     HQ: tl.constexpr = H * G
     NKT: tl.constexpr = (K + BK - 1) // BK
-    t0 = tl.load(chunk_start + c)
-    n_rows = tl.minimum(tl.load(cu_seqlens + tl.load(chunk_seq + c) + 1) - t0, C)
-    rows = tl.arange(0, C)
-    cols = tl.arange(0, C)
-    live = rows < n_rows
-    cm = tl.arange(0, M)
-    write = tl.load(s + (t0 + rows)[:, None] * (H * M) + h * M + cm[None, :], mask=live[:, None], other=0.0)
-    b = tl.load(b_buf + ((c * H + h) * C + rows[:, None]) * M + cm[None, :])
-    last = tl.load(b_last + (c * H + h) * M + cm)
-    w = (write.to(tl.float32) * tl.exp(last[None, :] - b)).to(q.dtype.element_ty)
-    d_base = D + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
+    t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
+    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
+    last = tl.load(b_last + (c * H + h) * M + tl.arange(0, M))
+    w = (load_slots(s, t0, h, H, n_rows, C, M) * tl.exp(last[None, :] - b)).to(q.dtype.element_ty)
+    # The branches use distinct names: Triton merges same-named values of both branches, which needs equal types.
     if tile < NKT:
-        ck = tile * BK + tl.arange(0, BK)
-        kmask = live[:, None] & (ck < K)[None, :]
-        acc_k = dot(w, tl.load(d_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(w.dtype))
+        k0 = tile * BK
+        ptrs_k, mask_k = state_tile(D, c, h, H, M, K + V, 0, K, k0, BK)
+        acc_k = dot(w, tl.load(ptrs_k, mask=mask_k, other=0.0).to(w.dtype))
         for j in range(G):
-            hq = h * G + j
-            Wd = tl.load(Wd_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :]).to(w.dtype)
-            qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
-            acc_k += dot(tl.trans(Wd), qt)
-        tl.store(dk + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], acc_k.to(dk.dtype.element_ty), mask=kmask)
-    else:  # names differ from the K branch: Triton merges same-named values of both branches by type
-        cv = (tile - NKT) * BV + tl.arange(0, BV)
-        vmask = live[:, None] & (cv < V)[None, :]
-        acc_v = dot(w, tl.load(d_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(w.dtype))
+            Wd = tl.load(chunk_block(Wd_buf, c, h * G + j, HQ, C, C)).to(w.dtype)
+            acc_k += dot(tl.trans(Wd), load_tile(q, t0, h * G + j, HQ, K, k0, n_rows, C, BK))
+        store_tile(dk, acc_k, t0, h, H, K, k0, n_rows, C, BK)
+    else:
+        v0 = (tile - NKT) * BV
+        ptrs_v, mask_v = state_tile(D, c, h, H, M, K + V, K, V, v0, BV)
+        acc_v = dot(w, tl.load(ptrs_v, mask=mask_v, other=0.0).to(w.dtype))
         for j in range(G):
-            hq = h * G + j
-            W = tl.load(W_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :]).to(w.dtype)
-            dot_ = tl.load(do + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], mask=vmask, other=0.0)
-            acc_v += dot(tl.trans(W), dot_)
-        tl.store(dv + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], acc_v.to(dv.dtype.element_ty), mask=vmask)
+            W = tl.load(chunk_block(W_buf, c, h * G + j, HQ, C, C)).to(w.dtype)
+            acc_v += dot(tl.trans(W), load_tile(do, t0, h * G + j, HQ, V, v0, n_rows, C, BV))
+        store_tile(dv, acc_v, t0, h, H, V, v0, n_rows, C, BV)
 
 
 @triton.jit
@@ -215,30 +193,22 @@ def bwd_gate_kernel(
     c = tl.program_id(0)
     h = tl.program_id(1)
     HQ: tl.constexpr = H * G
-    t0 = tl.load(chunk_start + c)
-    n_rows = tl.minimum(tl.load(cu_seqlens + tl.load(chunk_seq + c) + 1) - t0, C)
-    rows = tl.arange(0, C)
-    live = rows < n_rows
-    cm = tl.arange(0, M)
-    gs_off = (t0 + rows)[:, None] * (H * M) + h * M + cm[None, :]
-    write = tl.load(s + gs_off, mask=live[:, None], other=0.0).to(tl.float32)
+    t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
+    write = load_slots(s, t0, h, H, n_rows, C, M)
     b_rows = b_buf + (c * H + h) * C * M
-    b = tl.load(b_rows + rows[:, None] * M + cm[None, :])
+    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     fast = fast_path_ok(b, b_rows, C, M, SUB)
-    last = tl.load(b_last + (c * H + h) * M + cm)
-    d_base = D + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
+    last = tl.load(b_last + (c * H + h) * M + tl.arange(0, M))
 
-    from_state = tl.zeros([C, M], dtype=tl.float32)
+    from_state = tl.zeros([C, M], dtype=tl.float32)  # k @ dhk_out + v @ dhv_out^T
     for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=live[:, None] & (ck < K)[None, :])
-        dk_out = tl.load(d_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(kt.dtype)
-        from_state += dot(kt, tl.trans(dk_out))
+        kt = load_tile(k, t0, h, H, K, k0, n_rows, C, BK)
+        ptrs, mask = state_tile(D, c, h, H, M, K + V, 0, K, k0, BK)
+        from_state += dot(kt, tl.trans(tl.load(ptrs, mask=mask, other=0.0).to(kt.dtype)))
     for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=live[:, None] & (cv < V)[None, :])
-        dv_out = tl.load(d_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(vt.dtype)
-        from_state += dot(vt, tl.trans(dv_out))
+        vt = load_tile(v, t0, h, H, V, v0, n_rows, C, BV)
+        ptrs, mask = state_tile(D, c, h, H, M, K + V, K, V, v0, BV)
+        from_state += dot(vt, tl.trans(tl.load(ptrs, mask=mask, other=0.0).to(vt.dtype)))
     grad_s = from_state * tl.exp(last[None, :] - b)
 
     pz = tl.zeros([C, M], dtype=tl.float32)
@@ -246,27 +216,20 @@ def bwd_gate_kernel(
         hq = h * G + j
         A = tl.zeros([C, C], dtype=tl.float32)
         for k0 in range(0, K, BK):
-            ck = k0 + tl.arange(0, BK)
-            kmask = live[:, None] & (ck < K)[None, :]
-            qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
-            kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
-            A += dot(qt, tl.trans(kt))
+            qt = load_tile(q, t0, hq, HQ, K, k0, n_rows, C, BK)
+            A += dot(qt, tl.trans(load_tile(k, t0, h, H, K, k0, n_rows, C, BK)))
         DV = tl.zeros([C, C], dtype=tl.float32)
         for v0 in range(0, V, BV):
-            cv = v0 + tl.arange(0, BV)
-            vmask = live[:, None] & (cv < V)[None, :]
-            dot_ = tl.load(do + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], mask=vmask, other=0.0)
-            vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=vmask, other=0.0)
-            DV += dot(dot_, tl.trans(vt))
+            dot_ = load_tile(do, t0, hq, HQ, V, v0, n_rows, C, BV)
+            DV += dot(dot_, tl.trans(load_tile(v, t0, h, H, V, v0, n_rows, C, BV)))
         head_rows = t0 * (HQ * M) + hq * M
-        tok = (t0 + rows)[:, None] * (HQ * M) + hq * M + cm[None, :]
-        dzs = tl.load(dzs_buf + tok, mask=live[:, None], other=0.0)
-        p = tl.load(p_buf + tok, mask=live[:, None], other=0.0)
+        dzs = load_slots(dzs_buf, t0, hq, HQ, n_rows, C, M)
+        p = load_slots(p_buf, t0, hq, HQ, n_rows, C, M)
         grad_s += value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
         grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
-        pz += tl.load(pz_buf + tok, mask=live[:, None], other=0.0)
+        pz += load_slots(pz_buf, t0, hq, HQ, n_rows, C, M)
 
-    tl.store(ds + gs_off, grad_s.to(ds.dtype.element_ty), mask=live[:, None])
+    store_slots(ds, grad_s, t0, h, H, n_rows, C, M)
     db = pz - write * grad_s
-    tl.store(dg_local + gs_off, tl.cumsum(db, axis=0, reverse=True), mask=live[:, None])
-    tl.store(dg_total + (c * H + h) * M + cm, tl.sum(db, axis=0))
+    store_slots(dg_local, tl.cumsum(db, axis=0, reverse=True), t0, h, H, n_rows, C, M)
+    tl.store(dg_total + (c * H + h) * M + tl.arange(0, M), tl.sum(db, axis=0))

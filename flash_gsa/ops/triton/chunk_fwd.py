@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .intra import dot, fast_path_ok, key_decay, value_decay
+from .tiles import chunk_block, chunk_span, load_slots, load_tile, state_tile, store_slots, store_tile
 
 
 @triton.jit
@@ -41,30 +42,19 @@ def chunk_local_kernel(
     contribution to the state entering the next chunk: X = w^T [k | v] with w = s * exp(b_last - b)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
-    t0 = tl.load(chunk_start + c)
-    n_rows = tl.minimum(tl.load(cu_seqlens + tl.load(chunk_seq + c) + 1) - t0, C)
-    rows = tl.arange(0, C)
-    live = rows < n_rows
-    cm = tl.arange(0, M)
-    gs_off = (t0 + rows)[:, None] * (H * M) + h * M + cm[None, :]
-    gate = tl.load(g + gs_off, mask=live[:, None], other=0.0).to(tl.float32)
-    write = tl.load(s + gs_off, mask=live[:, None], other=0.0).to(tl.float32)
-
+    t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
+    gate = load_slots(g, t0, h, H, n_rows, C, M)
     b = tl.cumsum(gate, axis=0)
-    tl.store(b_buf + ((c * H + h) * C + rows[:, None]) * M + cm[None, :], b)
+    tl.store(chunk_block(b_buf, c, h, H, C, M), b)
     last = tl.sum(gate, axis=0)  # = b's last row
-    tl.store(b_last + (c * H + h) * M + cm, last)
-    wt = tl.trans(write * tl.exp(last[None, :] - b)).to(k.dtype.element_ty)  # [M, C]
-
-    x_base = X + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
+    tl.store(b_last + (c * H + h) * M + tl.arange(0, M), last)
+    wt = tl.trans(load_slots(s, t0, h, H, n_rows, C, M) * tl.exp(last[None, :] - b)).to(k.dtype.element_ty)  # [M, C]
     for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=live[:, None] & (ck < K)[None, :])
-        tl.store(x_base + ck[None, :], dot(wt, kt).to(X.dtype.element_ty), mask=(ck < K)[None, :])
+        ptrs, mask = state_tile(X, c, h, H, M, K + V, 0, K, k0, BK)
+        tl.store(ptrs, dot(wt, load_tile(k, t0, h, H, K, k0, n_rows, C, BK)).to(X.dtype.element_ty), mask=mask)
     for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=live[:, None] & (cv < V)[None, :])
-        tl.store(x_base + K + cv[None, :], dot(wt, vt).to(X.dtype.element_ty), mask=(cv < V)[None, :])
+        ptrs, mask = state_tile(X, c, h, H, M, K + V, K, V, v0, BV)
+        tl.store(ptrs, dot(wt, load_tile(v, t0, h, H, V, v0, n_rows, C, BV)).to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -161,45 +151,35 @@ def chunk_output_kernel(
     hq = tl.program_id(1)
     h = hq // G
     HQ: tl.constexpr = H * G
-    t0 = tl.load(chunk_start + c)
-    n_rows = tl.minimum(tl.load(cu_seqlens + tl.load(chunk_seq + c) + 1) - t0, C)
+    t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
     rows = tl.arange(0, C)
     live = rows < n_rows
-    cm = tl.arange(0, M)
     s_rows = s + t0 * (H * M) + h * M
     b_rows = b_buf + (c * H + h) * C * M
-    write = tl.load(s_rows + rows[:, None] * (H * M) + cm[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-    b = tl.load(b_rows + rows[:, None] * M + cm[None, :])
+    write = load_slots(s, t0, h, H, n_rows, C, M)
+    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     fast = fast_path_ok(b, b_rows, C, M, SUB)
-    s_base = S + (c * H + h) * M * (K + V) + cm[:, None] * (K + V)
 
     z_inter = tl.zeros([C, M], dtype=tl.float32)
     A = tl.zeros([C, C], dtype=tl.float32)
     for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        kmask = live[:, None] & (ck < K)[None, :]
-        qt = tl.load(q + (t0 + rows)[:, None] * (HQ * K) + hq * K + ck[None, :], mask=kmask, other=0.0)
-        kt = tl.load(k + (t0 + rows)[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
-        hk = tl.load(s_base + ck[None, :], mask=(ck < K)[None, :], other=0.0).to(qt.dtype)  # [M, BK]
-        z_inter += dot(qt, tl.trans(hk))
-        A += dot(qt, tl.trans(kt))
+        qt = load_tile(q, t0, hq, HQ, K, k0, n_rows, C, BK)
+        ptrs, mask = state_tile(S, c, h, H, M, K + V, 0, K, k0, BK)
+        z_inter += dot(qt, tl.trans(tl.load(ptrs, mask=mask, other=0.0).to(qt.dtype)))  # q @ hk
+        A += dot(qt, tl.trans(load_tile(k, t0, h, H, K, k0, n_rows, C, BK)))
     z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP))
     z_max = tl.max(z, axis=1)
     e = tl.exp(z - z_max[:, None])
     total = tl.sum(e, axis=1)
     p = tl.where(live[:, None], e / total[:, None], 0.0)
-    tok = t0 + rows
-    tl.store(z_buf + tok[:, None] * (HQ * M) + hq * M + cm[None, :], z, mask=live[:, None])
-    tl.store(lse_buf + tok * HQ + hq, z_max + tl.log(total), mask=live)
+    store_slots(z_buf, z, t0, hq, HQ, n_rows, C, M)
+    tl.store(lse_buf + (t0 + rows) * HQ + hq, z_max + tl.log(total), mask=live)
 
     W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP).to(v.dtype.element_ty)
-    cols = tl.arange(0, C)
-    tl.store(W_buf + (c * HQ + hq) * C * C + rows[:, None] * C + cols[None, :], W.to(W_buf.dtype.element_ty))
+    tl.store(chunk_block(W_buf, c, hq, HQ, C, C), W.to(W_buf.dtype.element_ty))
     pe = (p * tl.exp(b)).to(v.dtype.element_ty)
     for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        vmask = live[:, None] & (cv < V)[None, :]
-        vt = tl.load(v + (t0 + rows)[:, None] * (H * V) + h * V + cv[None, :], mask=vmask, other=0.0)
-        hv = tl.load(s_base + K + cv[None, :], mask=(cv < V)[None, :], other=0.0).to(vt.dtype)  # [M, BV]
-        out = dot(pe, hv) + dot(W, vt)
-        tl.store(o + (t0 + rows)[:, None] * (HQ * V) + hq * V + cv[None, :], out.to(o.dtype.element_ty), mask=vmask)
+        vt = load_tile(v, t0, h, H, V, v0, n_rows, C, BV)
+        ptrs, mask = state_tile(S, c, h, H, M, K + V, K, V, v0, BV)
+        out = dot(pe, tl.load(ptrs, mask=mask, other=0.0).to(vt.dtype)) + dot(W, vt)  # p e^b @ hv + W @ v
+        store_tile(o, out, t0, hq, HQ, V, v0, n_rows, C, BV)
