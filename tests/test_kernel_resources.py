@@ -28,7 +28,9 @@ def test_largest_shapes_fit_h100_shared_memory(tmp_path):
         cmd += ["--shape", shape]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.exists(), done.stderr[-3000:]
-    records = json.loads(out.read_text())
+    payload = json.loads(out.read_text())
+    assert payload["target"] == "sm_90" and "commit" in payload["stamp"]
+    records = payload["records"]
     kernels = {"chunk_local_kernel", "chunk_scan_kernel", "chunk_output_kernel", "bwd_query_kernel", "bwd_kv_kernel",
                "bwd_gate_kernel"}
     for shape in shapes:

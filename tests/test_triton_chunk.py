@@ -194,6 +194,8 @@ def test_rejects_unsupported_sizes(device):
         flash_gsa.gsa(q, k, v, g[..., :12], s[..., :12], backend="triton")
     with pytest.raises(ValueError, match="M \\(slots\\) a power of two >= 16"):
         flash_gsa.gsa(q, k, v, g[..., :8], s[..., :8], backend="triton")
+    with pytest.raises(ValueError, match="M \\(slots\\) a power of two >= 16 and <= 256"):
+        flash_gsa.gsa(q, k, v, g.repeat(1, 1, 1, 32), s.repeat(1, 1, 1, 32), backend="triton")
     with pytest.raises(ValueError, match="K and V >= 16"):
         flash_gsa.gsa(q[..., :8], k[..., :8], v, g, s, backend="triton")
     with pytest.raises(ValueError, match="K and V >= 16"):

@@ -40,17 +40,27 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .record import REPO_ROOT, device_slug, read_json, stamp, write_json
+from .record import (  # noqa: F401  (PEER_CACHE_DIR, RECORD_PREFIX and Skip stay importable from here)
+    PEER_CACHE_DIR,
+    RECORD_PREFIX,
+    REPO_ROOT,
+    Skip,
+    device_slug,
+    emit_record,
+    read_json,
+    run_worker,
+    stamp,
+    worker_env,
+    write_json,
+)
 
 IMPLS = ("flash_gsa-triton", "flash_gsa-chunk", "fla-chunk_gsa", "sdpa-flash")
 DECODE_IMPLS = ("flash_gsa-decode", "fla-fused_recurrent_gsa")
@@ -77,8 +87,6 @@ CHUNK = 64  # chunk length assumed by the FLOP count
 SDPA_HEAD_DIM = 128
 GATE_NORMALIZER = 8.0  # g = logsigmoid(x) / 8, as in the released models
 HBM_COPY_BYTES = 1 << 30  # bytes of each buffer of the bandwidth copy (CPU: 1/16 of it)
-PEER_CACHE_DIR = Path(tempfile.gettempdir()) / "flash_gsa_bench_triton_cache"
-RECORD_PREFIX = "@@"
 CPU_TIMING_BUDGET_S = 0.25  # --quick on the CPU: time each call for about this long (at least 3 calls)
 
 
@@ -160,8 +168,7 @@ def roofline(configs: Sequence[OpConfig], hbm_bytes_per_s: float | None) -> list
 # ---- worker side: everything below runs inside a worker process -----------------------------------------------------
 
 
-def _emit(record: dict[str, Any]) -> None:
-    print(RECORD_PREFIX + json.dumps(record), flush=True)
+_emit = emit_record
 
 
 def _sync(device) -> None:
@@ -207,10 +214,6 @@ def _peak_gib(fn: Callable[[], Any], device, grad_to_none=None) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
-
-
-class Skip(Exception):
-    """The impl is not available here (a missing package or backend): recorded as status "skipped"."""
 
 
 def _gsa_inputs(c: OpConfig, device, dtype):
@@ -426,39 +429,11 @@ def worker_main(job: dict[str, Any]) -> None:
 
 def _spawn(job: dict[str, Any], timeout_s: float, env: dict[str, str], log: Callable[[str], None]):
     """Run one worker; returns (records, failure message or None). Its other output is passed to `log`."""
-    cmd = [sys.executable, "-m", "flash_gsa.bench.op", "--worker", json.dumps(job)]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    records: list[dict[str, Any]] = []
-
-    def reader():
-        for line in proc.stdout:
-            if line.startswith(RECORD_PREFIX):
-                records.append(json.loads(line[len(RECORD_PREFIX):]))
-            else:
-                log(f"  [{job['kind']}:{job.get('impl', '')}] {line.rstrip()}")
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        code = proc.wait(timeout=timeout_s)
-        failure = None if code == 0 else f"worker exited with code {code}"
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-        failure = f"timeout: worker killed after {timeout_s:.0f} s"
-    thread.join(timeout=10)
-    return records, failure
+    return run_worker("flash_gsa.bench.op", job, timeout_s, env, log)
 
 
 def _worker_env(device: str, cache_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["TRITON_CACHE_DIR"] = str(cache_dir)
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    return env
+    return worker_env(device, cache_dir)
 
 
 def _unavailable(impl: str) -> str | None:

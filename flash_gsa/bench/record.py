@@ -1,4 +1,5 @@
-"""What every benchmark result carries: a stamp of where and what it ran on, and plain JSON files.
+"""What every benchmark result carries: a stamp of where and what it ran on, and plain JSON files; and the worker
+processes the benchmarks run each impl in (`run_worker`, `emit_record`, `worker_env`, `Skip`).
 
 Nothing here touches CUDA at import; `stamp()` asks torch for the device name only when CUDA is available.
 """
@@ -12,11 +13,18 @@ import os
 import platform
 import re
 import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMIT_ENV = "FLASH_GSA_COMMIT"  # set this where the checkout has no .git (e.g. a copied working tree)
+RECORD_PREFIX = "@@"  # a worker's stdout line that carries one JSON record
+# Triton cache shared by the peers' workers across runs (fla autotunes for minutes on first use); ours get a fresh one.
+PEER_CACHE_DIR = Path(tempfile.gettempdir()) / "flash_gsa_bench_triton_cache"
 
 
 def device_name() -> str:
@@ -89,3 +97,63 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# ---- worker processes -----------------------------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """The impl is not available here (a missing package or backend): recorded as status "skipped"."""
+
+
+def emit_record(record: dict[str, Any]) -> None:
+    """Worker side: hand one record to the parent (one `@@{json}` line on stdout)."""
+    print(RECORD_PREFIX + json.dumps(record), flush=True)
+
+
+def worker_env(device: str, cache_dir: str | os.PathLike) -> dict[str, str]:
+    """The environment of a worker: this checkout importable, unbuffered output, its own Triton cache directory, and
+    Triton's interpreter on the CPU."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def run_worker(
+    module: str, job: dict[str, Any], timeout_s: float, env: dict[str, str], log: Callable[[str], None],
+    label: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Run `python -m <module> --worker <job as JSON>` in its own session with a wall-clock limit.
+
+    Returns (the records it emitted, a failure message or None): a non-zero exit or a timeout (the worker's whole
+    process group is killed) is a failure; the records emitted before it are kept. Its other output goes to `log`,
+    each line prefixed with `[label]`.
+    """
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(job)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    records: list[dict[str, Any]] = []
+    label = label if label is not None else f"{job.get('kind', '')}:{job.get('impl', '')}"
+
+    def reader():
+        for line in proc.stdout:
+            if line.startswith(RECORD_PREFIX):
+                records.append(json.loads(line[len(RECORD_PREFIX):]))
+            else:
+                log(f"  [{label}] {line.rstrip()}")
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        code = proc.wait(timeout=timeout_s)
+        failure = None if code == 0 else f"worker exited with code {code}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        failure = f"timeout: worker killed after {timeout_s:.0f} s"
+    thread.join(timeout=10)
+    return records, failure

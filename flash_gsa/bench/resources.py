@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -24,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .record import stamp, write_json
 
 # Per-block shared memory a kernel may use (opt-in maximum) and the register file, per compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -169,15 +170,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gsa bench resources", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", type=_shape, action="append", metavar="K,V,M", help="repeatable (default: a set)")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
-    p.add_argument("--json", help="also write the records to this file")
+    p.add_argument("--json", help="also write the records (stamped: versions, commit, date) to this JSON file")
     args = p.parse_args(argv)
     records = []
     for K, V, M in args.shape or DEFAULT_SHAPES:
         records += training_kernel_resources(K, V, M, arch=args.arch)
     print(format_table(records))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in records], f, indent=1)
+        payload = {"stamp": stamp(), "target": f"sm_{args.arch}", "shared_limit": SHARED_LIMIT.get(args.arch),
+                   "records": [asdict(r) for r in records]}
+        write_json(args.json, payload)
     return 0 if all(r.fits for r in records) else 1
 
 

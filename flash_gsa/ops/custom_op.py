@@ -206,8 +206,8 @@ def gsa_triton_op(
     """The triton backend through `flash_gsa::triton_fwd`; arguments as `flash_gsa.ops.chunk.gsa_chunk`. It needs
     M a power of two >= 16 and K, V >= 16. The final state is float32."""
     M, K, V = g.shape[-1], q.shape[-1], v.shape[-1]
-    if M & (M - 1) or M < 16:
-        raise ValueError(f"the triton backend needs M (slots) a power of two >= 16, got {M}")
+    if M & (M - 1) or not 16 <= M <= 256:
+        raise ValueError(f"the triton backend needs M (slots) a power of two >= 16 and <= 256, got {M}")
     if K < 16 or V < 16:
         raise ValueError(f"the triton backend needs K and V >= 16, got K={K}, V={V}")
     init = None

@@ -1,9 +1,9 @@
 """Every tunable of the Triton backend, in one place."""
 
-CHUNK = 64  # tokens per chunk (at M <= 64): states are stored at chunk boundaries
-CHUNK_SLOTS = 4096  # at most this many chunk rows x slots: larger M takes shorter chunks (M = 128: 32, 256: 16), which
-# keeps the [C, M] tiles of the per-chunk kernels within registers and shared memory (M = 128 at C = 64 needed 320 KiB
-# of shared memory, above the H100's 227 KiB; `gsa bench resources` shows the figures).
+CHUNK = {16: 64, 32: 64, 64: 64, 128: 64, 256: 16}  # tokens per chunk, by M (slots); states are stored at chunk ends
+# Chosen from `gsa bench resources` (sm_90, K = V = 256 and 512): at M = 256 a 64-token chunk needs more shared memory
+# than the H100 has and 32 tokens compile to kernels that spill 70 KB; 16 spill least. M = 128 fits at 64 tokens
+# (120 KiB) and spills less there than at 32.
 SUB = 16  # sub-chunk inside a chunk: pairs within one are taken exactly, across them through an anchor
 FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
 BLOCK_K = 64  # tile of the key dimension K in matrix products
@@ -30,5 +30,5 @@ DECODE_NUM_STAGES = 1
 
 
 def chunk_size(M: int) -> int:
-    """Tokens per chunk for M slots: CHUNK, shortened so that chunk x M <= CHUNK_SLOTS, never below SUB."""
-    return max(SUB, min(CHUNK, CHUNK_SLOTS // M))
+    """Tokens per chunk for M slots (a power of two from 16 to 256)."""
+    return CHUNK[M]
