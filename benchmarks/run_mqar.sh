@@ -8,7 +8,8 @@
 # Environment: BUDGET_S (default 420): wall seconds for training the whole grid; every cell gets a share of what is
 # left and anneals its learning rate within it; cells that cannot start in time are recorded as skipped. Start-up,
 # the last cells' evaluation and the plot come on top (about a minute). WORKERS (default 6): training processes
-# sharing the GPU (small models are launch-bound, so several processes keep the GPU busy).
+# sharing the GPUs (small models are launch-bound, so several processes keep a GPU busy); with several GPUs visible
+# the cells are dealt round-robin over them (on nvidia-h200-x2, WORKERS=12 puts 6 on each).
 # Writes benchmarks/results/mqar_<gpu>.json, .png, .md and copies them, with the logs, to $OUT (5 files).
 # Needs: python3 with CUDA torch, triton, transformers, tqdm, matplotlib. The stamp's commit comes from git, or from
 # $FLASH_GSA_COMMIT where the copied tree has no .git.

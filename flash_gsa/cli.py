@@ -142,6 +142,7 @@ BENCHMARKS = {
     "resources": "shared memory, registers and spills of the Triton kernels, compiled for a GPU without one",
     "train": "tokens/s of a full training step against fla's GSAForCausalLM and a Llama (SDPA) of the same size",
     "lm": "train gsa, gla and attention on the same tokens; held-out perplexity, tokens/s and peak memory",
+    "scaling": "a data-parallel run (DDP/FSDP2) against a single-device run at the same global batch",
 }
 
 

@@ -29,8 +29,9 @@ applied there alone). A cell stops early once the training accuracy of the last 
 never-seen batches) reaches `target_accuracy`.
 
 Time budget: `budget_s` is the wall time for the whole grid. Cells run in order (setting, d_model, mixer, lr) on
-`workers` processes; each cell gets a time cap of (time left) / (rounds of cells left), counted from the end of
-its first step (which compiles). When too little time is left, the remaining cells are recorded as skipped.
+`workers` processes (spread over every visible GPU when the device is plain "cuda"); each cell gets a time cap of
+(time left) / (rounds of cells left), counted from the end of its first step (which compiles). When too little time
+is left, the remaining cells are recorded as skipped.
 
 Data: training batches come from a generator seeded with `seed + 1`, the held-out set from one seeded with `seed`;
 model initialisation uses `seed` too. Output: `mqar_<device-slug>.json` (`-quick` for --quick), a PNG (accuracy vs
@@ -353,6 +354,13 @@ def _summary(record: dict[str, Any]) -> str:
             f"stopped: {record['stopped']})")
 
 
+def _worker_device(device: torch.device, cell_index: int) -> str:
+    """Where a worker trains cell `cell_index`: "cuda" without an index spreads the cells over every visible GPU."""
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return f"cuda:{cell_index % torch.cuda.device_count()}"
+    return str(device)
+
+
 def _run_grid(grid: MQARGrid, device: torch.device, log) -> list[dict[str, Any]]:
     """Runs every cell within the budget; returns one record per cell (skipped ones included), in grid order."""
     cells = grid.cells()
@@ -391,7 +399,7 @@ def _run_grid(grid: MQARGrid, device: torch.device, log) -> list[dict[str, Any]]
                         log(_summary(records[i]))
                         bar.update(1)
                         continue
-                    running[ex.submit(_run_cell_safely, cell, grid, str(device), c, False)] = i
+                    running[ex.submit(_run_cell_safely, cell, grid, _worker_device(device, i), c, False)] = i
                 if not running:
                     continue
                 done, _ = wait(running, return_when=FIRST_COMPLETED)

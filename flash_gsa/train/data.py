@@ -100,16 +100,37 @@ def iter_documents(path: Path, progress: Callable[[int], None] | None = None) ->
 
 @dataclass(frozen=True)
 class TokenData:
-    """A tokenized corpus: `tokens` (memory-mapped, 1-D) and document offsets `doc_offsets` [D + 1]."""
+    """A tokenized corpus: `tokens` (memory-mapped, 1-D) and document offsets `doc_offsets` [D + 1]; `header` is
+    the cache's header file (None for a corpus tokenized in memory by `encode_documents`)."""
 
     tokens: np.ndarray
     doc_offsets: np.ndarray
     vocab_size: int
-    header: Path
+    header: Path | None
 
     @property
     def num_docs(self) -> int:
         return len(self.doc_offsets) - 1
+
+
+def _specials(tokenizer: ByteTokenizer | HFTokenizer) -> tuple[list[int], list[int]]:
+    """([BOS] or [], [EOS] or []): what every document is wrapped in."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return bos, eos
+
+
+def encode_documents(docs: Sequence[str], tokenizer: ByteTokenizer | HFTokenizer) -> TokenData:
+    """Tokenize `docs` in memory exactly as the cache does (each document BOS + text + EOS, back to back)."""
+    bos, eos = _specials(tokenizer)
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    pieces, offsets = [], [0]
+    for ids in tokenizer.encode_batch([d for d in docs if d]):
+        arr = np.asarray(bos + ids + eos, dtype=dtype)
+        pieces.append(arr)
+        offsets.append(offsets[-1] + len(arr))
+    tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
+    return TokenData(tokens, np.asarray(offsets, dtype=np.int64), tokenizer.vocab_size, None)
 
 
 def default_cache_dir() -> Path:
@@ -148,8 +169,7 @@ def build_cache(
     tmp = f".tmp-{os.getpid()}"
     bin_path, idx_path = stem.with_suffix(".bin"), stem.with_suffix(".idx")
     bin_tmp, idx_tmp = Path(str(bin_path) + tmp), Path(str(idx_path) + tmp)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos, eos = _specials(tokenizer)
     offsets = [0]
     total_bytes = sum(p.stat().st_size for p in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress)
@@ -240,6 +260,28 @@ class Batch:
         )
 
 
+def segment_starts(doc_offsets: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Offsets within the token span [lo, hi) where a segment starts: 0 and every document start inside it."""
+    inner = doc_offsets[np.searchsorted(doc_offsets, lo, side="right") : np.searchsorted(doc_offsets, hi, side="left")]
+    return np.concatenate([[0], inner - lo]).astype(np.int64)
+
+
+def pack_spans(data: TokenData, spans: Sequence[tuple[int, int]]) -> Batch:
+    """Pack the token spans [lo, hi) of `data` into one row with cu_seqlens at every span start and every document
+    start, and the label at each of those starts set to -100 (training packs rows of seq_len this way)."""
+    ids = np.concatenate([np.asarray(data.tokens[lo:hi], dtype=np.int64) for lo, hi in spans])
+    starts, base = [], 0
+    for lo, hi in spans:
+        starts.append(segment_starts(data.doc_offsets, lo, hi) + base)
+        base += hi - lo
+    starts = np.concatenate(starts)
+    input_ids = torch.from_numpy(ids).unsqueeze(0)
+    labels = input_ids.clone()
+    labels[0, torch.from_numpy(starts)] = IGNORE_INDEX
+    cu = torch.from_numpy(np.append(starts, len(ids)).astype(np.int32))
+    return Batch(input_ids, labels, cu, len(ids) - len(starts))
+
+
 class PackedData:
     """Rows of `seq_len` tokens cut from a `TokenData`, split into train and validation rows.
 
@@ -279,21 +321,12 @@ class PackedData:
 
     def segment_starts(self, row: int) -> np.ndarray:
         """Offsets within `row` where a segment starts: 0 and every document start inside the row."""
-        lo, hi = row * self.seq_len, (row + 1) * self.seq_len
-        offs = self.data.doc_offsets
-        inner = offs[np.searchsorted(offs, lo, side="right") : np.searchsorted(offs, hi, side="left")]
-        return np.concatenate([[0], inner - lo]).astype(np.int64)
+        return segment_starts(self.data.doc_offsets, row * self.seq_len, (row + 1) * self.seq_len)
 
     def make_batch(self, rows: Sequence[int]) -> Batch:
         """Pack `rows` into one row of len(rows) * seq_len tokens with cu_seqlens and masked document starts."""
         T = self.seq_len
-        ids = np.stack([self.data.tokens[r * T : (r + 1) * T] for r in rows]).astype(np.int64).reshape(-1)
-        starts = np.concatenate([self.segment_starts(r) + i * T for i, r in enumerate(rows)])
-        input_ids = torch.from_numpy(ids).unsqueeze(0)
-        labels = input_ids.clone()
-        labels[0, torch.from_numpy(starts)] = IGNORE_INDEX
-        cu = torch.from_numpy(np.append(starts, len(ids)).astype(np.int32))
-        return Batch(input_ids, labels, cu, len(ids) - len(starts))
+        return pack_spans(self.data, [(r * T, (r + 1) * T) for r in rows])
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """This rank's training rows in `epoch`, in reading order: a seeded shuffle of all training rows, dealt

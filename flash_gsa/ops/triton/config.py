@@ -30,5 +30,6 @@ DECODE_NUM_STAGES = 1
 
 
 def chunk_size(M: int) -> int:
-    """Tokens per chunk for M slots (a power of two from 16 to 256)."""
-    return CHUNK[M]
+    """Tokens per chunk for M slots (a power of two from 16 to 256). M may be a symbolic size (a fake implementation
+    under torch.compile with dynamic shapes): int() specializes it, as the kernels do anyway."""
+    return CHUNK[int(M)]
