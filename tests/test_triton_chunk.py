@@ -276,9 +276,11 @@ def fla_forward_backward(inputs, h0, weights):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_agrees_with_fla_on_gpu(device):
     """Against fla's chunk_gsa on the same bf16 inputs (B * T = 32K, K = V = 256, M = 64): both are compared with
-    float64; ours must be at least about as accurate as the peer (error <= 1.5x fla's + 2e-3) on every tensor."""
+    float64; ours must be at least about as accurate as the peer (error <= 1.5x fla's + 2e-3) on every tensor.
+    g and s are bf16 too, as fla's own layer makes them (its kernels reject fp32 s beside bf16 k)."""
     pytest.importorskip("fla.ops.gsa", reason="fla (the peer) is not installed: pip install ../shared/wheels/*.whl")
     inputs, h0, weights = real_size_inputs(device, B=4, T=8192, HQ=4, H=4, K=256, V=256, M=64)
+    inputs = [x.bfloat16() for x in inputs]
     ours = finite(forward_backward("triton", inputs, h0, None, None, weights))
     peer = finite(fla_forward_backward(inputs, h0, weights))
     err_ours = errors_against_fp64(ours, inputs, h0, weights)

@@ -95,6 +95,21 @@ class GSAPreTrainedModel(PreTrainedModel):
         return False
 
 
+def _cache_argument(past_key_values: GSACache | None, kwargs: dict) -> GSACache | None:
+    """The cache passed in: transformers >= 5.24 names it `cache` (generate() passes it so), older versions
+    `past_key_values`; both are accepted."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as past_key_values or as cache, not both")
+    return past_key_values if cache is None else cache
+
+
+def _output_cache(outputs) -> GSACache | None:
+    """The cache of a model output, under either name (reading the old name warns on transformers >= 5.24)."""
+    keys = outputs.keys()
+    return outputs["cache"] if "cache" in keys else outputs["past_key_values"] if "past_key_values" in keys else None
+
+
 class GSAModel(GSAPreTrainedModel):
     """Embedding, `num_hidden_layers` blocks, final RMSNorm."""
 
@@ -129,6 +144,7 @@ class GSAModel(GSAPreTrainedModel):
         elif inputs_embeds.dim() != 3:
             raise ValueError(f"inputs_embeds must have shape [B, T, D], got {tuple(inputs_embeds.shape)}")
         B, T = inputs_embeds.shape[:2]
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if past_key_values is not None and not isinstance(past_key_values, GSACache):
             raise ValueError(f"past_key_values must be a GSACache, got {type(past_key_values).__name__}")
         if use_cache is None:
@@ -164,10 +180,9 @@ class GSAModel(GSAPreTrainedModel):
             all_hidden.append(hidden_states)
         if use_cache:
             past_key_values.seen_tokens += T
+        # positional: the cache field is `past_key_values` before transformers 5.24 and `cache` since
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            hidden_states, past_key_values if use_cache else None, tuple(all_hidden) if output_hidden_states else None
         )
 
 
@@ -233,7 +248,8 @@ class GSAForCausalLM(GSAPreTrainedModel, GenerationMixin):
             position_ids: accepted for Hugging Face compatibility (generate() passes them) and not read: RoPE
                 positions are always a token's index among the real tokens of its sequence or document, which is what
                 generate()'s position_ids hold for real tokens.
-            past_key_values: a `GSACache` to continue from (it is updated in place when use_cache).
+            past_key_values: a `GSACache` to continue from (it is updated in place when use_cache); also accepted
+                as `cache`, the name transformers >= 5.24 uses.
             labels: `[B, T]` targets for the shifted next-token loss (-100 = ignore); needs logits_to_keep=0.
             use_cache: return the updated cache; default True iff past_key_values is given. A new cache is made
                 when none is passed.
@@ -249,7 +265,7 @@ class GSAForCausalLM(GSAPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             cu_seqlens=cu_seqlens,
-            past_key_values=past_key_values,
+            past_key_values=_cache_argument(past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=kwargs.get("output_hidden_states"),
@@ -266,9 +282,7 @@ class GSAForCausalLM(GSAPreTrainedModel, GenerationMixin):
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
             loss = causal_lm_loss(logits, labels, cu_seqlens, kwargs.get("num_items_in_batch"))
-        output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
-        )
+        output = CausalLMOutputWithPast(loss, logits, _output_cache(outputs), outputs.hidden_states)
         return_dict = kwargs.get("return_dict")
         if return_dict is None:
             return_dict = self.config.return_dict

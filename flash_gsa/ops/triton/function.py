@@ -88,8 +88,8 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
         M=M,
         C=layout.chunk,
         SUB=min(config.SUB, layout.chunk),
-        BK=min(config.BLOCK_K, triton.next_power_of_2(K)),
-        BV=min(config.BLOCK_V, triton.next_power_of_2(V)),
+        BK=min(config.BLOCK_K, max(config.MIN_TILE, triton.next_power_of_2(K))),
+        BV=min(config.BLOCK_V, max(config.MIN_TILE, triton.next_power_of_2(V))),
         LOWP=lowp and q.dtype != torch.float32,
     )
 
