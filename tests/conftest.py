@@ -17,3 +17,21 @@ if not HAS_CUDA:
 def device() -> torch.device:
     """Where Triton kernels run: CUDA when available, else the CPU through TRITON_INTERPRET=1."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed for every test (printed in failure messages), set as torch's global seed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors, where a second thread only adds synchronisation (up to 40x
+    slower on shared, oversubscribed cores, measured); the setting is restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,6 @@ interpreter (tests/conftest.py). `torch.library.opcheck` checks each op's schema
 dtypes, strides against the real one) and autograd registration.
 """
 
-import os
 
 import pytest
 import torch
@@ -18,23 +17,9 @@ import flash_gsa
 from flash_gsa.layers import GatedSlotAttention
 from flash_gsa.ops import custom_op
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 HAS_CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    return value
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, very costly on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

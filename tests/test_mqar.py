@@ -142,6 +142,18 @@ def test_run_writes_results_and_skips_past_the_budget(tmp_path):
     assert [r["status"] for r in runs] == ["skipped", "skipped"]
 
 
+def test_workers_are_dealt_over_every_visible_gpu(monkeypatch):
+    """A plain "cuda" device spreads cells round-robin over the GPUs; an explicit index or the CPU is kept."""
+    from flash_gsa.eval.recall import _worker_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [_worker_device(torch.device("cuda"), i) for i in range(5)] == ["cuda:0", "cuda:1"] * 2 + ["cuda:0"]
+    assert _worker_device(torch.device("cuda:1"), 4) == "cuda:1"
+    assert _worker_device(torch.device("cpu"), 3) == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _worker_device(torch.device("cuda"), 3) == "cuda"
+
+
 def test_cli(tmp_path, capsys):
     code = main(["mqar", "--quick", "--mixers", "gsa", "--d-models", "16", "--lrs", "1e-2", "--steps", "2",
                  "--eval-examples", "8", "--settings", "32:2", "--results-dir", str(tmp_path)])

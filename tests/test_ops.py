@@ -5,7 +5,6 @@ the tokens, so sizes stay small: B * H * T of a few hundred at most.
 """
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ import torch.nn.functional as F
 
 import flash_gsa
 from flash_gsa.ops import available_backends, default_backend
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 # Tolerances, as a fraction of the largest |expected| entry of each tensor (outputs, states and gradients are O(1..10)).
 # float64: both backends compute in float64 from the same values and differ only in the order of operations (the
@@ -23,23 +24,6 @@ from flash_gsa.ops import available_backends, default_backend
 #   reference runs in float64 on the very same (already rounded) inputs, so input rounding is not counted.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 TOL_NORM_BF16 = 1e-2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: a second intra-op thread only adds synchronisation, which costs up to 40x on shared,
-    oversubscribed cores (measured). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    return value
 
 
 def make_inputs(B, T, HQ, H, K, V, M, dtype=torch.float64, n_state=None, gates="normal"):

@@ -8,7 +8,6 @@ write, or read before writing, shows up as NaN. Checked: outputs, final states a
 and of the initial state, under a loss that weighs o and both final states with random weights.
 """
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +16,8 @@ import torch.nn.functional as F
 
 import flash_gsa
 import flash_gsa.ops.triton.function as function
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -36,13 +37,6 @@ TOL_NORM_BF16 = 2e-2
 TOL_NORM_BF16_DG = 4e-2
 
 
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    return value
-
-
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     """Every buffer of the backend starts as NaN (integers as their largest value). Counts the allocations, so that a
@@ -56,15 +50,6 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(function, "empty", nan_empty)
     return calls
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, very costly on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass
@@ -242,6 +227,8 @@ def finite(results):
 # later tokens of terms carrying such errors, with cancellation) grows with T: under the interpreter (K = V = 32,
 # layer-like gates) 1.1e-2 at T = 1024 and 2.8e-2 at T = 4096 (1.8e-2 with fp32 chunk states); on the H100 1.6-3.7e-2
 # at T = 2048. Allowed 6e-2 at T = 8192; the comparison with fla below says whether a peer does better.
+# Measured on an H200 with the 4-warp kernels (commit 8a84aa4): dg 7.4-7.9e-2, so this test FAILS there (the other
+# tensors 1.8-3.7e-3); fp32 chunk states gave 5.7e-2. The bound is kept: the kernels must meet it, not the reverse.
 TOL_REAL = 2e-2
 TOL_REAL_DG = 6e-2
 

@@ -5,7 +5,6 @@ sizes stay tiny. Inputs are fresh random draws on every run (the seed is in each
 kernel allocates is filled with NaN first, so an element it fails to write fails the comparison.
 """
 
-import os
 
 import pytest
 import torch
@@ -22,13 +21,6 @@ TOL_FP32 = dict(rtol=1e-4, atol=1e-4)
 # relative (Triton's interpreter truncates; the GPU rounds to nearest, half that). Allow 2 ulps, and as much absolute
 # for outputs near 0 (|o| is O(1) here). The state stays fp32: TOL_FP32.
 TOL_OUT = {torch.bfloat16: dict(rtol=2**-6, atol=2**-6), torch.float16: dict(rtol=2**-9, atol=2**-9)}
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    return value
 
 
 @pytest.fixture(autouse=True)

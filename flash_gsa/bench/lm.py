@@ -518,7 +518,7 @@ def _measured() -> str:
 
 
 def _write_outputs(payload: dict[str, Any], results_dir: Path, name: str) -> list[str]:
-    files = [str(write_json(results_dir / f"{name}.json", _finite(payload)))]
+    files = [str(write_json(results_dir / f"{name}.json", payload))]
     files.append(str(plot_lm(payload, results_dir / f"{name}.png")))
     md = results_dir / f"{name}.md"
     md.write_text(render_markdown(payload))
@@ -609,17 +609,6 @@ def plot_lm(payload: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no NaN: non-finite floats become None."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -54,7 +55,10 @@ def _version(package: str) -> str | None:
 
 
 def git_commit() -> str:
-    """HEAD of this checkout ("+dirty" when tracked files differ), else $FLASH_GSA_COMMIT, else "unknown"."""
+    """$FLASH_GSA_COMMIT when set (a copied tree's .git may be stale: the device tool's copy carried an older HEAD),
+    else HEAD of this checkout ("+dirty" when tracked files differ), else "unknown"."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
@@ -65,7 +69,7 @@ def git_commit() -> str:
         ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get(COMMIT_ENV, "unknown")
+        return "unknown"
 
 
 def stamp() -> dict[str, Any]:
@@ -85,12 +89,24 @@ def stamp() -> dict[str, Any]:
     }
 
 
+def finite(x: Any) -> Any:
+    """`x` with every non-finite float (JSON has no NaN or inf) replaced by None, through dicts, lists and tuples."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """Write `payload` as indented JSON, atomically (a temporary file renamed over the target)."""
+    """Write `payload` as indented JSON (non-finite floats as null), atomically (a temporary file renamed over the
+    target)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(finite(payload), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
 

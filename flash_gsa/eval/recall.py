@@ -520,7 +520,7 @@ def run_mqar(
         "wall_s": round(time.monotonic() - start, 1),
     }
     results_dir = Path(results_dir)
-    files = [str(write_json(results_dir / f"{name}.json", _finite(payload))),
+    files = [str(write_json(results_dir / f"{name}.json", payload)),
              str(plot_mqar(payload, results_dir / f"{name}.png"))]
     markdown = render_markdown(payload)
     md = results_dir / f"{name}.md"
@@ -528,17 +528,6 @@ def run_mqar(
     files.append(str(md))
     payload["files"], payload["markdown"] = files, markdown
     return payload
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no NaN: non-finite floats become None."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 __all__ = ["MQARGrid", "QUICK_GRID", "best_runs", "evaluate_mqar", "grid_from_options", "mqar_model_config",
