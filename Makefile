@@ -1,4 +1,4 @@
-# make demo: train the tiny model on the embedded corpus (CPU, about two minutes). make test: the test suite.
+# make demo: train the tiny model on the embedded corpus (CPU, two to three minutes). make test: the test suite.
 # Both share one idempotent set-up: .venv is created and installed once, and again only when pyproject.toml changes.
 
 VENV := .venv
