@@ -136,6 +136,20 @@ def test_generate_sampling():
     assert torch.equal(a[:, :5], ids) and a.min() >= 0 and a.max() < V
 
 
+def test_cache_keyword_of_either_transformers_generation():
+    """transformers >= 5.24 passes the cache as `cache=`, older versions as `past_key_values=`: both continue the same
+    state (the same logits as one forward over the whole sequence); passing both is an error."""
+    model = make()
+    ids = tokens(2, 7, seed=15)
+    full = model(ids).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        cache = model(ids[:, :5], use_cache=True).past_key_values
+        step = model(ids[:, 5:], use_cache=True, **{name: cache})
+        torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, past_key_values=GSACache(), cache=GSACache())
+
+
 def test_generate_beam_search_and_returned_cache():
     model = make(dtype=torch.float32)
     ids = tokens(2, 4, seed=14)
