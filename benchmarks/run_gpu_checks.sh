@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite on a CUDA machine, as the kernels must be checked before any benchmark: the interpreter that CI uses
-# cannot see Triton miscompiles (on 2026-11-30 it passed kernels that read invalid shared memory on an H200).
+# cannot see errors of the compiled code (on 2026-11-30 it passed kernels that read invalid shared memory on an H200).
 #
 #   bash benchmarks/run_gpu_checks.sh          # about 3-4 minutes on an H200 (first compiles included)
 #

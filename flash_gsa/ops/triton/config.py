@@ -8,16 +8,16 @@ SUB = 16  # sub-chunk inside a chunk: pairs within one are taken exactly, across
 FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
 BLOCK_K = 64  # tile of the key dimension K in matrix products
 BLOCK_V = 64  # tile of the value dimension V
-MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 tiles Triton 3.6 miscompiles chunk_local
-# on an H200 (compute-sanitizer: invalid shared-memory reads in the tensor-core product, then an illegal address)
+MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 tiles, chunk_local as compiled by Triton
+# 3.6 for an H200 reads invalid shared memory in its tensor-core product (compute-sanitizer), then faults
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
 BLOCK_SCAN_M = 16  # ... and slots (rows); small tiles give the latency-bound scan more programs
 
 NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4, "bwd_gate": 4}
 NUM_STAGES = {"local": 2, "scan": 3, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}
-# 4 warps everywhere: at 8 warps Triton 3.6 miscompiles the tf32 products of the heavy kernels when M = 16 or 32 on an
-# H200 (invalid shared-memory reads in key_decay under compute-sanitizer; wrong dg at M = 32 with grouped heads), which
-# the interpreter cannot see. (On an H100, 8 warps had been 15-25% faster at M = 64.)
+# 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
+# (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped
+# heads), which the interpreter cannot see. (On an H100, 8 warps had been 15-25% faster at M = 64.)
 # bf16 operands for the intra-chunk products of 16-bit inputs (else fp32, i.e. tf32 on tensor cores). The H100
 # benchmark in benchmarks/results was measured with both False; bf16 in the backward raised the gate gradient's
 # error from ~2e-2 to ~4e-2 at T = 2048.
