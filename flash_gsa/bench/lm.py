@@ -270,24 +270,6 @@ def lm_config(
     return load_preset(preset).override(fixed).override(overrides)
 
 
-def throughput(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Tokens/s of the training steps from a run's metrics log: from the first logged step to the last (the steps
-    before the first log line, which compile and autotune, are left out), and over all steps."""
-    logs = [r for r in records if r.get("tok_per_s") is not None and r.get("elapsed_s")]
-    if not logs:
-        return {"tokens_per_s": None, "tokens_per_s_all": None, "warmup_steps_excluded": 0, "mfu": None}
-    first, last = logs[0], logs[-1]
-    overall = last["tokens"] / last["elapsed_s"]
-    if len(logs) >= 2 and last["elapsed_s"] > first["elapsed_s"]:
-        steady = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
-        excluded = first["step"]
-    else:
-        steady, excluded = overall, 0
-    # MFU as the training loop reckons it (flops_per_token / the device's bf16 peak); None where the peak is unknown.
-    mfu = steady * last["mfu"] / last["tok_per_s"] if last.get("mfu") is not None else None
-    return {"tokens_per_s": steady, "tokens_per_s_all": overall, "warmup_steps_excluded": excluded, "mfu": mfu}
-
-
 def _curve(records: Sequence[dict[str, Any]]) -> list[list[float]]:
     points = [[r["step"], r["tokens"], r["loss"]] for r in records if r.get("loss") is not None and "tokens" in r]
     if len(points) > CURVE_POINTS:
@@ -315,7 +297,7 @@ def run_mixer(
     from ..eval.perplexity import perplexity
     from ..train.distributed import resolve_device
     from ..train.loop import NonFiniteLossError, train
-    from ..train.metrics import read_metrics
+    from ..train.metrics import read_metrics, throughput
     from ..train.sample import load_run
 
     device = resolve_device(cfg.device)

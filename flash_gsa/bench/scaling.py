@@ -6,8 +6,9 @@ deals the same shuffled rows to the ranks round-robin, so every step sees the sa
 only by floating-point reduction order.
 
 Per parallel run: the largest absolute and relative difference of the training loss over the common steps, the
-median tokens/s of the logged windows after the first (which includes compilation), its ratio to the single run and
-the scaling efficiency = ratio / N. Writes `<results-dir>/scaling_<device-slug>.json` and a PNG of the loss curves.
+tokens/s from the first logged step to the last (the steps before it compile; `train.metrics.throughput`), its ratio
+to the single run and the scaling efficiency = ratio / N. Writes `<results-dir>/scaling_<device-slug>.json` and a PNG
+of the loss curves.
 
     bash benchmarks/run_scaling.sh           # on a 2-GPU machine: trains the three runs, then this
     gsa bench scaling --single runs/1gpu --run ddp=runs/ddp --run fsdp=runs/fsdp --devices 2
@@ -16,12 +17,11 @@ the scaling efficiency = ratio / N. Writes `<results-dir>/scaling_<device-slug>.
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..train.metrics import read_metrics
+from ..train.metrics import read_metrics, throughput
 from ..train.plot import plot_runs
 from .record import REPO_ROOT, device_slug, stamp, write_json
 
@@ -31,9 +31,8 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def _throughput(run: Path) -> float | None:
-    """Median tokens/s of the logged windows, the first (compilation, warm-up) left out when there are others."""
-    rates = [r["tok_per_s"] for r in read_metrics(run) if r.get("tok_per_s")]
-    return statistics.median(rates[1:] if len(rates) > 1 else rates) if rates else None
+    """Tokens/s of the training steps after the first logged one (which compiles), as `gsa bench lm` reckons it."""
+    return throughput(read_metrics(run))["tokens_per_s"]
 
 
 def compare_runs(single: str | Path, parallel: dict[str, str | Path], devices: int) -> dict[str, Any]:

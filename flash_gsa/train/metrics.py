@@ -99,3 +99,21 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def throughput(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens/s of the training steps from a run's metrics log: from the first logged step to the last (the steps
+    before the first log line, which compile and autotune, are left out), and over all steps."""
+    logs = [r for r in records if r.get("tok_per_s") is not None and r.get("elapsed_s")]
+    if not logs:
+        return {"tokens_per_s": None, "tokens_per_s_all": None, "warmup_steps_excluded": 0, "mfu": None}
+    first, last = logs[0], logs[-1]
+    overall = last["tokens"] / last["elapsed_s"]
+    if len(logs) >= 2 and last["elapsed_s"] > first["elapsed_s"]:
+        steady = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
+        excluded = first["step"]
+    else:
+        steady, excluded = overall, 0
+    # MFU as the training loop reckons it (flops_per_token / the device's bf16 peak); None where the peak is unknown.
+    mfu = steady * last["mfu"] / last["tok_per_s"] if last.get("mfu") is not None else None
+    return {"tokens_per_s": steady, "tokens_per_s_all": overall, "warmup_steps_excluded": excluded, "mfu": mfu}
