@@ -83,7 +83,7 @@ CASES = {
     # one chunk and a token; two V tiles, the second masked; default s = 1 - exp(g).
     "T65-M128-V80": Case(T=65, M=128, HQ=2, H=2, K=16, V=80, default_s=True),
     # varlen: one-token, exactly-one-chunk, empty, and multi-chunk sequences, grouped heads.
-    "varlen-T200-M64-G2": Case(T=200, M=64, HQ=4, H=2, K=24, V=40, lengths=(1, 64, 0, 70, 65)),
+    "varlen-T260-M64-G2": Case(T=260, M=64, HQ=4, H=2, K=24, V=40, lengths=(1, 64, 0, 130, 65)),
     # extreme gates (some slots keep everything, some forget everything at every step) over four chunks.
     "extreme-T200-M16": Case(T=200, M=16, HQ=2, H=1, K=16, V=32, gates="extreme"),
     # bf16 as the layer calls it (q, k, v bf16; gates fp32), varlen and grouped heads.
@@ -137,7 +137,11 @@ def check(name, actual, expected, seed, tol, norm):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference(device, seed, poison, name):
+def test_matches_reference(device, seed, poison, monkeypatch, name):
+    # The gate gradient's carry takes 2 chunks per step here (16 by default), so that these few-chunk sequences
+    # exercise steps that are full, partial (the 3-chunk sequence) and absent (the empty one). The state scan always
+    # takes 4: the 4-chunk sequences (T = 200, 260) fill a step, the others leave part of it empty.
+    monkeypatch.setattr(function.config, "BLOCK_CARRY_CHUNKS", 2)
     c = CASES[name]
     inputs, h0 = make_inputs(c, device)
     cu = None
@@ -228,7 +232,8 @@ def finite(results):
 # layer-like gates) 1.1e-2 at T = 1024 and 2.8e-2 at T = 4096 (1.8e-2 with fp32 chunk states); on the H100 1.6-3.7e-2
 # at T = 2048. Allowed 6e-2 at T = 8192; the comparison with fla below says whether a peer does better.
 # Measured on an H200 with the 4-warp kernels (commit 8a84aa4): dg 7.4-7.9e-2, so this test FAILS there (the other
-# tensors 1.8-3.7e-3); fp32 chunk states gave 5.7e-2. The bound is kept: the kernels must meet it, not the reverse.
+# tensors 1.8-3.7e-3); fp32 chunk states gave 5.7e-2. Unchanged with one anchor per chunk (SUB = 64): dg 7.4e-2 at
+# K = V = 512. The bound is kept: the kernels must meet it, not the reverse.
 TOL_REAL = 2e-2
 TOL_REAL_DG = 6e-2
 

@@ -233,3 +233,55 @@ def bwd_gate_kernel(
     db = pz - write * grad_s
     store_slots(dg_local, tl.cumsum(db, axis=0, reverse=True), t0, h, H, n_rows, C, M)
     tl.store(dg_total + (c * H + h) * M + tl.arange(0, M), tl.sum(db, axis=0))
+
+
+@triton.jit
+def gate_carry_kernel(
+    dg_total,
+    init,
+    carry,
+    chunk_offsets,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    BCH: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+):
+    """One program per (sequence, kv-head). What later chunks add to the gate gradient of a chunk's tokens: walking
+    the sequence's chunks backwards, BCH at a time, carry[c] = init + sum of dg_total[c'] over its chunks c' > c.
+    init [N, H, M] (HAS_INIT) is the final state's term. Reads dg_total [NC, H, M]; writes carry [NC, H, M]."""
+    nh = tl.program_id(0)
+    n = nh // H
+    h = nh % H
+    slots = tl.arange(0, M)
+    lo = tl.load(chunk_offsets + n)
+    n_chunks = tl.load(chunk_offsets + n + 1) - lo
+    if HAS_INIT:
+        acc = tl.load(init + nh * M + slots)
+    else:
+        acc = tl.zeros([M], dtype=tl.float32)
+    for p0 in range(0, n_chunks, BCH):
+        p = p0 + tl.arange(0, BCH)
+        live = (p < n_chunks)[:, None]
+        offsets = ((lo + n_chunks - 1 - p) * H + h)[:, None] * M + slots[None, :]
+        total = tl.load(dg_total + offsets, mask=live, other=0.0)
+        tl.store(carry + offsets, acc[None, :] + tl.cumsum(total, axis=0) - total, mask=live)
+        acc += tl.sum(total, axis=0)
+
+
+@triton.jit
+def gate_add_carry_kernel(
+    dg,
+    carry,
+    cu_seqlens,
+    chunk_seq,
+    chunk_start,
+    H: tl.constexpr,
+    M: tl.constexpr,
+    C: tl.constexpr,
+):
+    """One program per (chunk, kv-head): dg[t] += carry[c] for the chunk's tokens, in place (dg [T', H, M] fp32)."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
+    later = tl.load(carry + (c * H + h) * M + tl.arange(0, M))
+    store_slots(dg, load_slots(dg, t0, h, H, n_rows, C, M) + later[None, :], t0, h, H, n_rows, C, M)

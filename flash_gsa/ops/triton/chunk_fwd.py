@@ -58,6 +58,24 @@ def chunk_local_kernel(
 
 
 @triton.jit
+def _scan_load(X, b_last, c, live, h, tile, mask, H: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
+               KV: tl.constexpr, rows):
+    """What chunk c brings to a scan tile: x = the sum over the G heads of X[c] and the decay exp(b_last[c]).
+    When not live (past the sequence's end): x = 0 and decay 1, a step that changes nothing."""
+    x = tl.zeros(tile.shape, dtype=tl.float32)
+    for j in tl.static_range(G):
+        x += tl.load(X + (c * H * G + h * G + j) * M * KV + tile, mask=mask & live, other=0.0).to(tl.float32)
+    return x, tl.exp(tl.load(b_last + (c * H + h) * M + rows, mask=live, other=0.0))
+
+
+@triton.jit
+def _scan_step(out, S, x, decay, c, live, h, tile, mask, H: tl.constexpr, M: tl.constexpr, KV: tl.constexpr):
+    """Writes S as the state of chunk c (if live) and returns the next one, S * decay + x."""
+    tl.store(out + (c * H + h) * M * KV + tile, S.to(out.dtype.element_ty), mask=mask & live)
+    return S * decay[:, None] + x
+
+
+@triton.jit
 def chunk_scan_kernel(
     X,
     out,
@@ -79,41 +97,36 @@ def chunk_scan_kernel(
         out[c] = S;  S = S * exp(b_last[c]) + x_c       starting from S = init (or 0); final = S at the end.
     Forward: X = chunk contributions, out = states entering each chunk (may alias X when G == 1).
     Backward: X = state gradients from each chunk's outputs, out = gradients of the state leaving each chunk.
-    The next chunk's x and decay are loaded before the current step, so one load is always in flight."""
+    The walk is latency-bound (each step waits for its loads), so it takes four chunks per step: their eight loads
+    are issued together, then the four updates run."""
     nh = tl.program_id(2)
     n = nh // H
     h = nh % H
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    cm = tl.program_id(1) * BM + tl.arange(0, BM)
-    off = cm[:, None] * KV + cols[None, :]
+    tile = rows[:, None] * KV + cols[None, :]
     mask = (cols < KV)[None, :]
     lo = tl.load(chunk_offsets + n)
-    hi = tl.load(chunk_offsets + n + 1)
+    n_chunks = tl.load(chunk_offsets + n + 1) - lo
     if HAS_INIT:
-        S = tl.load(init + nh * M * KV + off, mask=mask, other=0.0)
+        S = tl.load(init + nh * M * KV + tile, mask=mask, other=0.0)
     else:
         S = tl.zeros([BM, BN], dtype=tl.float32)
-    c_next = hi - 1 if REVERSE else lo
-    live = lo < hi
-    x_next = tl.zeros([BM, BN], dtype=tl.float32)
-    for j in tl.static_range(G):
-        x_next += tl.load(X + (c_next * H * G + h * G + j) * M * KV + off, mask=mask & live, other=0.0).to(tl.float32)
-    d_next = tl.load(b_last + (c_next * H + h) * M + cm, mask=(cm < M) & live, other=0.0)
-    for i in range(lo, hi):
-        c = c_next
-        x = x_next
-        decay = tl.exp(d_next)
-        c_next = c - 1 if REVERSE else c + 1
-        more = i + 1 < hi
-        x_next = tl.zeros([BM, BN], dtype=tl.float32)
-        for j in tl.static_range(G):
-            x_next += tl.load(X + (c_next * H * G + h * G + j) * M * KV + off, mask=mask & more, other=0.0).to(
-                tl.float32
-            )
-        d_next = tl.load(b_last + (c_next * H + h) * M + cm, mask=(cm < M) & more, other=0.0)
-        tl.store(out + (c * H + h) * M * KV + off, S.to(out.dtype.element_ty), mask=mask)
-        S = S * decay[:, None] + x
-    tl.store(final + nh * M * KV + off, S, mask=mask)
+    for p in range(0, n_chunks, 4):  # p: position in the walk
+        c0 = lo + n_chunks - 1 - p if REVERSE else lo + p
+        c1 = c0 - 1 if REVERSE else c0 + 1
+        c2 = c1 - 1 if REVERSE else c1 + 1
+        c3 = c2 - 1 if REVERSE else c2 + 1
+        live0, live1, live2, live3 = p < n_chunks, p + 1 < n_chunks, p + 2 < n_chunks, p + 3 < n_chunks
+        x0, d0 = _scan_load(X, b_last, c0, live0, h, tile, mask, H, G, M, KV, rows)
+        x1, d1 = _scan_load(X, b_last, c1, live1, h, tile, mask, H, G, M, KV, rows)
+        x2, d2 = _scan_load(X, b_last, c2, live2, h, tile, mask, H, G, M, KV, rows)
+        x3, d3 = _scan_load(X, b_last, c3, live3, h, tile, mask, H, G, M, KV, rows)
+        S = _scan_step(out, S, x0, d0, c0, live0, h, tile, mask, H, M, KV)
+        S = _scan_step(out, S, x1, d1, c1, live1, h, tile, mask, H, M, KV)
+        S = _scan_step(out, S, x2, d2, c2, live2, h, tile, mask, H, M, KV)
+        S = _scan_step(out, S, x3, d3, c3, live3, h, tile, mask, H, M, KV)
+    tl.store(final + nh * M * KV + tile, S, mask=mask)
 
 
 @triton.jit

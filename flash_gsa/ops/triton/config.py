@@ -4,7 +4,9 @@ CHUNK = {16: 64, 32: 64, 64: 64, 128: 64, 256: 16}  # tokens per chunk, by M (sl
 # Chosen from `gsa bench resources` (sm_90, K = V = 256 and 512): at M = 256 a 64-token chunk needs more shared memory
 # than the H100 has and 32 tokens compile to kernels that spill 70 KB; 16 spill least. M = 128 fits at 64 tokens
 # (120 KiB) and spills less there than at 32.
-SUB = 16  # sub-chunk inside a chunk: pairs within one are taken exactly, across them through an anchor
+SUB = 64  # sub-chunk inside a chunk: pairs within one are taken exactly, across them through an anchor. A whole
+# chunk: the fast path then takes one matrix product per intra-chunk form (four at 16), the exact path one pass per
+# diagonal (64); only chunks that decay by more than FAST_DECAY_LIMIT take the latter.
 FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
 BLOCK_K = 64  # tile of the key dimension K in matrix products
 BLOCK_V = 64  # tile of the value dimension V
@@ -12,12 +14,16 @@ MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 til
 # 3.6 for an H200 reads invalid shared memory in its tensor-core product (compute-sanitizer), then faults
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
 BLOCK_SCAN_M = 16  # ... and slots (rows); small tiles give the latency-bound scan more programs
+BLOCK_CARRY_CHUNKS = 16  # chunks one step of the gate gradient's carry (a reverse sum over chunk totals) loads
 
-NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4, "bwd_gate": 4}
-NUM_STAGES = {"local": 2, "scan": 3, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}
+NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4, "bwd_gate": 4, "gate_carry": 4,
+             "gate_add_carry": 4}
+NUM_STAGES = {"local": 2, "scan": 3, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2, "gate_carry": 1,
+              "gate_add_carry": 1}
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
 # (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped
-# heads), which the interpreter cannot see. (On an H100, 8 warps had been 15-25% faster at M = 64.)
+# heads), which the interpreter cannot see. (On an H100, 8 warps had been 15-25% faster at M = 64; on the H200, with
+# one anchor per chunk (SUB = 64), 8 warps at M = 64 made fwd+bwd 2-16% slower.)
 # bf16 operands for the intra-chunk products of 16-bit inputs (else fp32, i.e. tf32 on tensor cores). The H100
 # benchmark in benchmarks/results was measured with both False; bf16 in the backward raised the gate gradient's
 # error from ~2e-2 to ~4e-2 at T = 2048.

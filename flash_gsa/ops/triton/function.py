@@ -2,19 +2,20 @@
 `flash_gsa.ops.custom_op` wraps them as the torch.library ops `flash_gsa::triton_fwd` / `triton_bwd`.
 
 Forward:  chunk_local (per chunk) -> chunk_scan (across chunks) -> chunk_output (per chunk).
-Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv and bwd_gate (per chunk); the gate gradient's
-          carry across chunks is a reverse cumulative sum over the small [chunks, H, M] totals.
+Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv and bwd_gate (per chunk) -> gate_carry (across
+          chunks: a reverse sum over the small [chunks, H, M] totals) -> gate_add_carry (per chunk).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
 
 from . import config
-from .chunk_bwd import bwd_gate_kernel, bwd_kv_kernel, bwd_query_kernel
+from .chunk_bwd import bwd_gate_kernel, bwd_kv_kernel, bwd_query_kernel, gate_add_carry_kernel, gate_carry_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel, chunk_scan_kernel
 
 
@@ -26,7 +27,6 @@ class ChunkLayout:
     chunk_offsets: torch.Tensor  # [N + 1] int32: first chunk of each sequence
     chunk_seq: torch.Tensor  # [NC] int32: the sequence of each chunk
     chunk_start: torch.Tensor  # [NC] int32: the first token of each chunk
-    token_chunk: torch.Tensor  # [T'] int64: the chunk of each token
     num_chunks: int
     chunk: int  # tokens per chunk
 
@@ -43,19 +43,21 @@ def chunk_layout(cu_seqlens: torch.Tensor, total_tokens: int, num_chunks: int | 
     seq_ids = torch.arange(len(lengths), device=cu.device)
     chunk_seq = torch.repeat_interleave(seq_ids, per_seq, output_size=num_chunks)
     chunk_start = cu[chunk_seq] + (torch.arange(num_chunks, device=cu.device) - offsets[chunk_seq]) * chunk
-    token_seq = torch.repeat_interleave(seq_ids, lengths, output_size=total_tokens)
-    token_chunk = offsets[token_seq].long() + (torch.arange(total_tokens, device=cu.device) - cu[token_seq]) // chunk
-    return ChunkLayout(
-        cu, offsets, chunk_seq.to(torch.int32), chunk_start.to(torch.int32), token_chunk, num_chunks, chunk
-    )
+    return ChunkLayout(cu, offsets, chunk_seq.to(torch.int32), chunk_start.to(torch.int32), num_chunks, chunk)
+
+
+@lru_cache(maxsize=64)
+def _equal_length_layout(batch: int, seq_len: int, chunk: int, device: torch.device) -> ChunkLayout:
+    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
+    return chunk_layout(cu, batch * seq_len, batch * triton.cdiv(seq_len, chunk), chunk)
 
 
 def layout_for(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, M: int, device) -> ChunkLayout:
-    """The chunk layout of q [batch, seq_len, ...] (or of the packed sequences of `cu_seqlens`) for M slots."""
+    """The chunk layout of q [batch, seq_len, ...] (or of the packed sequences of `cu_seqlens`) for M slots. The
+    tables of equal-length batches are built once per shape and device (a dozen small launches saved per call)."""
     C = config.chunk_size(M)
     if cu_seqlens is None:
-        cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
-        return chunk_layout(cu, batch * seq_len, batch * triton.cdiv(seq_len, C), C)
+        return _equal_length_layout(batch, seq_len, C, torch.device(device))
     return chunk_layout(cu_seqlens, seq_len, None, C)
 
 
@@ -102,8 +104,9 @@ def _scan(X, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bo
     BM = min(config.BLOCK_SCAN_M, M)
     grid = (triton.cdiv(KV, config.BLOCK_SCAN), M // BM, n_seq * H)
     init_or_dummy = init if init is not None else final
-    _launch(chunk_scan_kernel, grid, X, out, b_last, init_or_dummy, final, layout.chunk_offsets,
-            H=H, G=G, M=M, KV=KV, BM=BM, BN=config.BLOCK_SCAN, REVERSE=reverse, HAS_INIT=init is not None)
+    _launch(chunk_scan_kernel, grid, X, out, b_last, init_or_dummy, final, layout.chunk_offsets, H=H, G=G, M=M,
+            KV=KV, BM=BM, BN=config.BLOCK_SCAN, REVERSE=reverse,
+            HAS_INIT=init is not None)
     return final
 
 
@@ -152,16 +155,14 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
     n_tiles = triton.cdiv(K, sizes["BK"]) + triton.cdiv(V, sizes["BV"])
     _launch(bwd_kv_kernel, (NC, H, n_tiles), q, s, b, b_last, D, do, W, Wd, dk, dv, *tables, **sizes)
-    dg_local = empty(T, H, M, device=dev, dtype=f32)
+    dg = empty(T, H, M, device=dev, dtype=f32)
     dg_total = empty(NC, H, M, device=dev, dtype=f32)
-    _launch(bwd_gate_kernel, (NC, H), q, k, v, s, b, b_last, D, do, p, dzs, pz, ds, dg_local, dg_total, *tables,
-            **sizes)
-    # dg_t = sum over later tokens of the same sequence; add what later chunks and the final state contribute.
-    later = dg_total.double().flip(0).cumsum(0).flip(0)  # sum over chunks c' >= c, all sequences
-    later = torch.cat([later, later.new_zeros(1, H, M)])
-    next_first = layout.chunk_offsets[1:].long()[layout.chunk_seq.long()]
-    carry = later[:NC] - dg_total.double() - later[next_first]
-    if d_final is not None:
-        carry = carry + (final * d_final).sum(-1).double()[layout.chunk_seq.long()]
-    dg = dg_local + carry.float()[layout.token_chunk]
+    _launch(bwd_gate_kernel, (NC, H), q, k, v, s, b, b_last, D, do, p, dzs, pz, ds, dg, dg_total, *tables, **sizes)
+    # dg_t so far sums the tokens of t's own chunk; add what later chunks (and the final state) contribute.
+    carry = empty(NC, H, M, device=dev, dtype=f32)
+    final_term = None if d_final is None else (final * d_final).sum(-1).contiguous()  # [N, H, M]
+    _launch(gate_carry_kernel, ((layout.cu_seqlens.numel() - 1) * H,), dg_total,
+            final_term if final_term is not None else dg_total, carry, layout.chunk_offsets, H=H, M=M,
+            BCH=config.BLOCK_CARRY_CHUNKS, HAS_INIT=final_term is not None)
+    _launch(gate_add_carry_kernel, (NC, H), dg, carry, *tables, H=H, M=M, C=C)
     return dq, dk, dv, ds, dg, d_init
