@@ -42,3 +42,13 @@ def chunk_size(M: int) -> int:
     """Tokens per chunk for M slots (a power of two from 16 to 256). M may be a symbolic size (a fake implementation
     under torch.compile with dynamic shapes): int() specializes it, as the kernels do anyway."""
     return CHUNK[int(M)]
+
+
+# Host-side size arithmetic. triton.cdiv and triton.next_power_of_2 are jit functions in Triton 3.6: calling them from
+# Python costs about 2 us each, a good part of a decoding step's host time.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -181,13 +181,13 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 def _block(extent: int, bm: int, tile: int) -> int:
     """Power-of-two block along K or V so that block * bm is about `tile`, no larger than needed for `extent`."""
-    return max(1, min(triton.next_power_of_2(extent), tile // bm))
+    return max(1, min(config.next_power_of_2(extent), tile // bm))
 
 
 def _tiles(n_heads: int, k: int, v: int, bm: int) -> tuple[int, int]:
     """(BK, BV): the largest tiles up to DECODE_MAX_TILE that still give about DECODE_TARGET_PROGRAMS programs."""
     tile = config.DECODE_MAX_TILE
-    while tile > config.DECODE_MIN_TILE and n_heads * triton.cdiv(max(k, v), _block(max(k, v), bm, tile)) < (
+    while tile > config.DECODE_MIN_TILE and n_heads * config.cdiv(max(k, v), _block(max(k, v), bm, tile)) < (
         config.DECODE_TARGET_PROGRAMS
     ):
         tile //= 2
@@ -297,9 +297,9 @@ def fused_recurrent_gsa(
     else:
         hk1 = hv1 = None
 
-    BM = triton.next_power_of_2(M)
+    BM = config.next_power_of_2(M)
     BK, BV = _tiles(N * H, K, V, BM)
-    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    NK, NV = config.cdiv(K, BK), config.cdiv(V, BV)
     o = _empty((B, T, HQ, V), q.dtype, device)
     zp = _empty((B * T, HQ, NK, M), torch.float32, device)
     common = dict(
@@ -319,6 +319,6 @@ def fused_recurrent_gsa(
             q, k, g, s, hk0, hk1, zp, cu_seqlens, float(scale), T, K=K, BK=BK, **common
         )
         _gsa_decode_values_kernel[(N * H * NV,)](
-            v, g, s, zp, o, hv0, hv1, cu_seqlens, T, V=V, BV=BV, BNK=triton.next_power_of_2(NK), NV=NV, **common
+            v, g, s, zp, o, hv0, hv1, cu_seqlens, T, V=V, BV=BV, BNK=config.next_power_of_2(NK), NV=NV, **common
         )
     return o, ((hk1, hv1) if output_final_state else None)

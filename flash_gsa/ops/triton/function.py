@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import triton
 
 from . import config
 from .chunk_bwd import bwd_gate_kernel, bwd_kv_kernel, bwd_query_kernel, gate_add_carry_kernel, gate_carry_kernel
@@ -49,7 +48,7 @@ def chunk_layout(cu_seqlens: torch.Tensor, total_tokens: int, num_chunks: int | 
 @lru_cache(maxsize=64)
 def _equal_length_layout(batch: int, seq_len: int, chunk: int, device: torch.device) -> ChunkLayout:
     cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
-    return chunk_layout(cu, batch * seq_len, batch * triton.cdiv(seq_len, chunk), chunk)
+    return chunk_layout(cu, batch * seq_len, batch * config.cdiv(seq_len, chunk), chunk)
 
 
 def layout_for(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, M: int, device) -> ChunkLayout:
@@ -90,8 +89,8 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
         M=M,
         C=layout.chunk,
         SUB=min(config.SUB, layout.chunk),
-        BK=min(config.BLOCK_K, max(config.MIN_TILE, triton.next_power_of_2(K))),
-        BV=min(config.BLOCK_V, max(config.MIN_TILE, triton.next_power_of_2(V))),
+        BK=min(config.BLOCK_K, max(config.MIN_TILE, config.next_power_of_2(K))),
+        BV=min(config.BLOCK_V, max(config.MIN_TILE, config.next_power_of_2(V))),
         LOWP=lowp and q.dtype != torch.float32,
     )
 
@@ -102,7 +101,7 @@ def _scan(X, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bo
     n_seq = layout.cu_seqlens.numel() - 1
     final = empty(n_seq, H, M, KV, device=X.device, dtype=torch.float32)
     BM = min(config.BLOCK_SCAN_M, M)
-    grid = (triton.cdiv(KV, config.BLOCK_SCAN), M // BM, n_seq * H)
+    grid = (config.cdiv(KV, config.BLOCK_SCAN), M // BM, n_seq * H)
     init_or_dummy = init if init is not None else final
     _launch(chunk_scan_kernel, grid, X, out, b_last, init_or_dummy, final, layout.chunk_offsets, H=H, G=G, M=M,
             KV=KV, BM=BM, BN=config.BLOCK_SCAN, REVERSE=reverse,
@@ -153,7 +152,7 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     d_init = _scan(Y, D, b_last, d_final, layout, H, G, reverse=True)
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
-    n_tiles = triton.cdiv(K, sizes["BK"]) + triton.cdiv(V, sizes["BV"])
+    n_tiles = config.cdiv(K, sizes["BK"]) + config.cdiv(V, sizes["BV"])
     _launch(bwd_kv_kernel, (NC, H, n_tiles), q, s, b, b_last, D, do, W, Wd, dk, dv, *tables, **sizes)
     dg = empty(T, H, M, device=dev, dtype=f32)
     dg_total = empty(NC, H, M, device=dev, dtype=f32)
