@@ -137,11 +137,7 @@ def check(name, actual, expected, seed, tol, norm):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference(device, seed, poison, monkeypatch, name):
-    # The gate gradient's carry takes 2 chunks per step here (16 by default), so that these few-chunk sequences
-    # exercise steps that are full, partial (the 3-chunk sequence) and absent (the empty one). The state scan always
-    # takes 4: the 4-chunk sequences (T = 200, 260) fill a step, the others leave part of it empty.
-    monkeypatch.setattr(function.config, "BLOCK_CARRY_CHUNKS", 2)
+def test_matches_reference(device, seed, poison, name):
     c = CASES[name]
     inputs, h0 = make_inputs(c, device)
     cu = None

@@ -14,12 +14,9 @@ MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 til
 # 3.6 for an H200 reads invalid shared memory in its tensor-core product (compute-sanitizer), then faults
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
 BLOCK_SCAN_M = 16  # ... and slots (rows); small tiles give the latency-bound scan more programs
-BLOCK_CARRY_CHUNKS = 16  # chunks one step of the gate gradient's carry (a reverse sum over chunk totals) loads
 
-NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4, "bwd_gate": 4, "gate_carry": 4,
-             "gate_add_carry": 4}
-NUM_STAGES = {"local": 2, "scan": 3, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2, "gate_carry": 1,
-              "gate_add_carry": 1}
+NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4, "bwd_gate": 4}
+NUM_STAGES = {"local": 2, "scan": 3, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
 # (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped
 # heads), which the interpreter cannot see. (On an H100, 8 warps had been 15-25% faster at M = 64; on the H200, with

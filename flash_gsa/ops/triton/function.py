@@ -2,8 +2,7 @@
 `flash_gsa.ops.custom_op` wraps them as the torch.library ops `flash_gsa::triton_fwd` / `triton_bwd`.
 
 Forward:  chunk_local (per chunk) -> chunk_scan (across chunks) -> chunk_output (per chunk).
-Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv and bwd_gate (per chunk) -> gate_carry (across
-          chunks: a reverse sum over the small [chunks, H, M] totals) -> gate_add_carry (per chunk).
+Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv and bwd_gate (per chunk).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from . import config
-from .chunk_bwd import bwd_gate_kernel, bwd_kv_kernel, bwd_query_kernel, gate_add_carry_kernel, gate_carry_kernel
+from .chunk_bwd import bwd_gate_kernel, bwd_kv_kernel, bwd_query_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel, chunk_scan_kernel
 
 
@@ -155,13 +154,6 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     n_tiles = config.cdiv(K, sizes["BK"]) + config.cdiv(V, sizes["BV"])
     _launch(bwd_kv_kernel, (NC, H, n_tiles), q, s, b, b_last, D, do, W, Wd, dk, dv, *tables, **sizes)
     dg = empty(T, H, M, device=dev, dtype=f32)
-    dg_total = empty(NC, H, M, device=dev, dtype=f32)
-    _launch(bwd_gate_kernel, (NC, H), q, k, v, s, b, b_last, D, do, p, dzs, pz, ds, dg, dg_total, *tables, **sizes)
-    # dg_t so far sums the tokens of t's own chunk; add what later chunks (and the final state) contribute.
-    carry = empty(NC, H, M, device=dev, dtype=f32)
-    final_term = None if d_final is None else (final * d_final).sum(-1).contiguous()  # [N, H, M]
-    _launch(gate_carry_kernel, ((layout.cu_seqlens.numel() - 1) * H,), dg_total,
-            final_term if final_term is not None else dg_total, carry, layout.chunk_offsets, H=H, M=M,
-            BCH=config.BLOCK_CARRY_CHUNKS, HAS_INIT=final_term is not None)
-    _launch(gate_add_carry_kernel, (NC, H), dg, carry, *tables, H=H, M=M, C=C)
+    _launch(bwd_gate_kernel, (NC, H), q, k, v, s, b, b_last, states, final, D, do, p, dzs, pz, ds, dg, *tables,
+            layout.chunk_offsets, **sizes)
     return dq, dk, dv, ds, dg, d_init
