@@ -182,12 +182,24 @@ def _add_mqar(sub: argparse._SubParsersAction) -> None:
                    help="a GSAConfig field for one mixer's models, e.g. gsa.gate_logit_normalizer=4; repeatable")
     p.add_argument("--device", help="torch device; default cuda if available, else cpu")
     p.add_argument("--results-dir", default=None, help="where to write (default benchmarks/results)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="train nothing: join mqar_*.json files of runs that differ only in mixers and learning rates "
+                   "(written under the first one's name, into --results-dir or the first one's folder)")
     p.set_defaults(run=_run_mqar)
 
 
 def _run_mqar(args: argparse.Namespace) -> int:
-    from .eval.recall import grid_from_options, run_mqar
+    from .eval.recall import grid_from_options, merge_mqar, run_mqar
 
+    if args.merge:
+        try:
+            payload = merge_mqar(args.merge, args.results_dir)
+        except (ValueError, OSError) as e:
+            print(f"gsa mqar --merge: {e}", file=sys.stderr)
+            return 2
+        print(payload["markdown"])
+        print("\n".join(payload["files"]))
+        return 0
     options = {k: getattr(args, k) for k in ("settings", "d_models", "mixers", "lrs", "vocab_size", "steps",
                                              "batch_size", "eval_examples", "workers", "seed", "budget_s",
                                              "target_accuracy")}

@@ -98,6 +98,7 @@ def test_grid_options_and_errors():
                              ["gsa.num_slots=16", "gsa.feature_map=relu"])
     assert grid.settings == ((32, 2), (64, 4)) and grid.lrs == (1e-3,) and grid.steps == QUICK_GRID.steps
     assert grid.overrides == {"gsa": {"num_slots": 16, "feature_map": "relu"}}
+    assert MQARGrid(overrides={"gsa": {"gate_logit_normalizer": 32}, "gla": {"num_hidden_layers": 3}}).overrides
     assert len(grid.cells()) == 2 * len(grid.d_models) * 4
     with pytest.raises(ValueError, match="T:PAIRS"):
         grid_from_options(True, {"settings": ["32"]})
@@ -107,6 +108,10 @@ def test_grid_options_and_errors():
                           ({"settings": ((16, 8),)}, "cannot hold"), ({"lrs": (0.0,)}, "learning rates"),
                           ({"overrides": {"gsa": {"slots": 3}}}, "does not have"), ({"budget_s": 0}, "budget_s"),
                           ({"mixers": ("gla",), "overrides": {"gsa": {}}}, "not in the grid"),
+                          # gla keeps its own gate normalizer (16) and abc has no gate: a silent no-op otherwise
+                          ({"overrides": {"gla": {"gate_logit_normalizer": 4}}}, "gla does not use"),
+                          ({"overrides": {"abc": {"gate_logit_normalizer": 4}}}, "abc does not use"),
+                          ({"overrides": {"gsa": {"attn_num_heads": 4}}}, "gsa does not use"),
                           ({"workers": 0}, "workers")]:
         with pytest.raises(ValueError, match=match):
             MQARGrid(**kwargs)
@@ -140,6 +145,38 @@ def test_run_writes_results_and_skips_past_the_budget(tmp_path):
     tight = MQARGrid(**{**grid.__dict__, "budget_s": 1e-3})
     runs = run_mqar(tight, tmp_path, device="cpu", log=lambda s: None)["runs"]
     assert [r["status"] for r in runs] == ["skipped", "skipped"]
+
+
+def test_merge_joins_learning_rates_and_picks_the_best_again(tmp_path):
+    """Two real (tiny) runs of the same grid with different learning rates join into one file whose best cell is
+    chosen over both; runs whose grids differ otherwise, or that repeat a cell, are refused."""
+    from flash_gsa.eval.recall import merge_mqar
+
+    base = dict(settings=((32, 2),), d_models=(16,), mixers=("gla",), vocab_size=16, steps=2, batch_size=4,
+                eval_examples=8)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run_mqar(MQARGrid(**base, lrs=(1e-2,)), tmp_path / "a", device="cpu", log=lambda s: None)
+    run_mqar(MQARGrid(**base, lrs=(1e-3,)), tmp_path / "b", device="cpu", log=lambda s: None)
+    a, b = tmp_path / "a" / "mqar_cpu.json", tmp_path / "b" / "mqar_cpu.json"
+    # make the second run's cell the better one, so that the choice is visible
+    payload_b = json.loads(b.read_text())
+    payload_b["runs"][0]["accuracy"] = 2.0
+    b.write_text(json.dumps(payload_b))
+    merged = merge_mqar([a, b], tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "mqar_cpu.json").read_text())
+    assert sorted(saved["grid"]["lrs"]) == [1e-3, 1e-2] and len(saved["runs"]) == 2
+    assert [r["lr"] for r in saved["best"]] == [1e-3] and merged["best"] == saved["best"]
+    assert [m["file"] for m in saved["merged_from"]] == ["mqar_cpu.json", "mqar_cpu.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mqar_cpu.json", "mqar_cpu.md", "mqar_cpu.png"]
+    with pytest.raises(ValueError, match="more than one input"):
+        merge_mqar([a, a], tmp_path / "out")
+    payload_b["grid"]["steps"] = 3
+    b.write_text(json.dumps(payload_b))
+    with pytest.raises(ValueError, match="grid differs"):
+        merge_mqar([a, b], tmp_path / "out")
+    with pytest.raises(ValueError, match="at least two"):
+        merge_mqar([a])
 
 
 def test_workers_are_dealt_over_every_visible_gpu(monkeypatch):

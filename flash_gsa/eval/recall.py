@@ -129,6 +129,14 @@ class MQARGrid:
         bad = sorted({f"{m}.{k}" for m, fields in self.overrides.items() for k in fields if k not in known})
         if bad:
             raise ValueError(f"overrides name fields that GSAConfig does not have: {bad}")
+        from ..layers import MIXERS, mixer_config_fields
+
+        base = GSAConfig()
+        mixer_fields = set().union(*(mixer_config_fields(m, base) for m in MIXERS))
+        for m, fields in self.overrides.items():
+            ignored = sorted(k for k in fields if k in mixer_fields and k not in mixer_config_fields(m, base))
+            if ignored:
+                raise ValueError(f"{m} does not use {ignored}: those settings would change nothing in its models")
 
     def cells(self) -> list[dict[str, Any]]:
         """Every run, in the order they are started."""
@@ -519,16 +527,60 @@ def run_mqar(
         "best": best_runs(runs),
         "wall_s": round(time.monotonic() - start, 1),
     }
-    results_dir = Path(results_dir)
-    files = [str(write_json(results_dir / f"{name}.json", payload)),
-             str(plot_mqar(payload, results_dir / f"{name}.png"))]
-    markdown = render_markdown(payload)
-    md = results_dir / f"{name}.md"
-    md.write_text(markdown)
-    files.append(str(md))
-    payload["files"], payload["markdown"] = files, markdown
+    payload["files"] = _write_outputs(payload, Path(results_dir), name)
+    payload["markdown"] = render_markdown(payload)
     return payload
 
 
-__all__ = ["MQARGrid", "QUICK_GRID", "best_runs", "evaluate_mqar", "grid_from_options", "mqar_model_config",
-           "plot_mqar", "render_markdown", "run_mqar", "train_cell"]
+def _write_outputs(payload: dict[str, Any], results_dir: Path, name: str) -> list[str]:
+    """`name`.json, .png and .md in `results_dir`."""
+    files = [str(write_json(results_dir / f"{name}.json", payload)),
+             str(plot_mqar(payload, results_dir / f"{name}.png"))]
+    md = results_dir / f"{name}.md"
+    md.write_text(render_markdown(payload))
+    return files + [str(md)]
+
+
+def merge_mqar(paths: Sequence[str | os.PathLike], results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Joins MQAR results of runs that differ only in their mixers and learning rates (e.g. a second run with a
+    learning rate the first lacked, or one process per machine) into one `mqar_*.json`, `.png` and `.md`, named as
+    the first input and written into `results_dir` (default: the first input's folder). The best learning rate per
+    cell is chosen again over all runs. A cell (setting, d_model, mixer, lr) may come from one input only."""
+    if len(paths) < 2:
+        raise ValueError("merge needs at least two result files")
+    payloads = [json.loads(Path(p).read_text()) for p in paths]
+    varying = ("mixers", "lrs", "workers", "budget_s")
+
+    def comparable(payload: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in payload["grid"].items() if k not in varying}
+
+    for path, payload in zip(paths[1:], payloads[1:], strict=True):
+        if comparable(payload) != comparable(payloads[0]):
+            raise ValueError(f"{path}: its grid differs from {paths[0]}'s in more than {varying}")
+    runs = [r for payload in payloads for r in payload["runs"]]
+    keys = [(r["seq_len"], r["num_pairs"], r["d_model"], r["mixer"], r["lr"]) for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a cell (setting, d_model, mixer, lr) appears in more than one input")
+    grid = dict(payloads[0]["grid"])
+    for name in ("mixers", "lrs"):
+        grid[name] = sorted({x for payload in payloads for x in payload["grid"][name]}, key=str)
+    merged = {
+        **payloads[0],
+        "grid": grid,
+        "runs": runs,
+        "best": best_runs(runs),
+        "wall_s": sum(payload.get("wall_s", 0.0) for payload in payloads),
+        "merged_from": [
+            {"file": Path(p).name, "commit": pl["stamp"].get("commit"), "date_utc": pl["stamp"].get("date_utc"),
+             "mixers": pl["grid"]["mixers"], "lrs": pl["grid"]["lrs"]}
+            for p, pl in zip(paths, payloads, strict=True)
+        ],
+    }
+    out_dir = Path(results_dir) if results_dir is not None else Path(paths[0]).parent
+    merged["files"] = _write_outputs(merged, out_dir, Path(paths[0]).stem)
+    merged["markdown"] = render_markdown(merged)
+    return merged
+
+
+__all__ = ["MQARGrid", "QUICK_GRID", "best_runs", "evaluate_mqar", "grid_from_options", "merge_mqar",
+           "mqar_model_config", "plot_mqar", "render_markdown", "run_mqar", "train_cell"]

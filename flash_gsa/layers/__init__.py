@@ -47,7 +47,27 @@ MIXERS: dict[str, Callable[[GSAConfig, int], nn.Module]] = {
     "attention": Attention.from_config,
 }
 
+
+class _ReadRecorder:
+    """Stands in for a config and notes every attribute read through it."""
+
+    def __init__(self, config: GSAConfig) -> None:
+        self._config, self.read = config, set()
+
+    def __getattr__(self, name: str):
+        self.read.add(name)
+        return getattr(self._config, name)
+
+
+def mixer_config_fields(name: str, config: GSAConfig) -> frozenset[str]:
+    """The config fields that the built-in mixer `name` reads when built from `config` (its `_config_kwargs`), so
+    that callers can refuse settings a mixer would silently ignore (e.g. gla's gate normalizer, fixed at 16)."""
+    builder = MIXERS[name]
+    recorder = _ReadRecorder(config)
+    builder.__self__._config_kwargs(recorder)  # a bound classmethod: __self__ is the mixer class
+    return frozenset(recorder.read)
+
 __all__ = [
     "MIXERS", "ABCAttention", "Attention", "GatedLinearAttention", "GatedSlotAttention", "RMSNorm", "ShortConvolution",
-    "SwiGLU",
+    "SwiGLU", "mixer_config_fields",
 ]

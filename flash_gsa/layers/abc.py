@@ -92,10 +92,8 @@ class ABCAttention(GatedSlotAttention):
 
     @classmethod
     def _config_kwargs(cls, config: GSAConfig) -> dict[str, Any]:
-        """The config's GSA settings, without gate_logit_normalizer (unused)."""
-        kwargs = super()._config_kwargs(config)
-        del kwargs["gate_logit_normalizer"]
-        return kwargs
+        """The config's GSA settings, without gate_logit_normalizer (no gate)."""
+        return cls._slot_kwargs(config)
 
     def state_size(self, seq_len: int) -> int:
         """GSA's state plus log Z: 2 * H_kv * M * d_head + H_kv * M (plus the conv windows with short conv)."""

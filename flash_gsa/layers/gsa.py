@@ -76,12 +76,16 @@ class GatedSlotAttention(TokenMixer):
     @classmethod
     def _config_kwargs(cls, config: GSAConfig) -> dict[str, Any]:
         """The config's GSA settings."""
+        return dict(cls._slot_kwargs(config), gate_logit_normalizer=config.gate_logit_normalizer)
+
+    @staticmethod
+    def _slot_kwargs(config: GSAConfig) -> dict[str, Any]:
+        """The settings GSA shares with ABC (all but the gate's)."""
         return dict(
             hidden_size=config.hidden_size,
             num_heads=config.num_heads,
             num_kv_heads=config.num_kv_heads,
             num_slots=config.num_slots,
-            gate_logit_normalizer=config.gate_logit_normalizer,
             feature_map=config.feature_map,
             use_short_conv=config.use_short_conv,
             conv_size=config.conv_size,
