@@ -562,8 +562,8 @@ def merge_mqar(paths: Sequence[str | os.PathLike], results_dir: str | os.PathLik
     if len(set(keys)) != len(keys):
         raise ValueError("a cell (setting, d_model, mixer, lr) appears in more than one input")
     grid = dict(payloads[0]["grid"])
-    for name in ("mixers", "lrs"):
-        grid[name] = sorted({x for payload in payloads for x in payload["grid"][name]}, key=str)
+    grid["mixers"] = list(dict.fromkeys(m for payload in payloads for m in payload["grid"]["mixers"]))
+    grid["lrs"] = sorted({lr for payload in payloads for lr in payload["grid"]["lrs"]})
     merged = {
         **payloads[0],
         "grid": grid,
