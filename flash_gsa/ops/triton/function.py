@@ -29,7 +29,7 @@ class ChunkLayout:
     chunk: int  # tokens per chunk
 
 
-def chunk_layout(cu_seqlens: torch.Tensor, total_tokens: int, num_chunks: int | None, chunk: int) -> ChunkLayout:
+def chunk_layout(cu_seqlens: torch.Tensor, num_chunks: int | None, chunk: int) -> ChunkLayout:
     """Tables for `cu_seqlens`. `num_chunks` may be given when it is known on the host (equal-length batches)."""
     cu = cu_seqlens.to(torch.int32)
     lengths = (cu[1:] - cu[:-1]).long()
@@ -47,7 +47,7 @@ def chunk_layout(cu_seqlens: torch.Tensor, total_tokens: int, num_chunks: int | 
 @lru_cache(maxsize=64)
 def _equal_length_layout(batch: int, seq_len: int, chunk: int, device: torch.device) -> ChunkLayout:
     cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
-    return chunk_layout(cu, batch * seq_len, batch * config.cdiv(seq_len, chunk), chunk)
+    return chunk_layout(cu, batch * config.cdiv(seq_len, chunk), chunk)
 
 
 def layout_for(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, M: int, device) -> ChunkLayout:
@@ -56,7 +56,7 @@ def layout_for(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, M: int
     C = config.chunk_size(M)
     if cu_seqlens is None:
         return _equal_length_layout(batch, seq_len, C, torch.device(device))
-    return chunk_layout(cu_seqlens, seq_len, None, C)
+    return chunk_layout(cu_seqlens, None, C)
 
 
 def empty(*shape: int, device, dtype) -> torch.Tensor:
@@ -103,8 +103,7 @@ def _scan(X, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bo
     grid = (config.cdiv(KV, config.BLOCK_SCAN), M // BM, n_seq * H)
     init_or_dummy = init if init is not None else final
     _launch(chunk_scan_kernel, grid, X, out, b_last, init_or_dummy, final, layout.chunk_offsets, H=H, G=G, M=M,
-            KV=KV, BM=BM, BN=config.BLOCK_SCAN, REVERSE=reverse,
-            HAS_INIT=init is not None)
+            KV=KV, BM=BM, BN=config.BLOCK_SCAN, REVERSE=reverse, HAS_INIT=init is not None)
     return final
 
 
