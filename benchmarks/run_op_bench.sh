@@ -41,11 +41,9 @@ else
 fi
 export PYTHONUNBUFFERED=1
 
-PEER_CACHE=$($PY -c 'from flash_gsa.bench.op import PEER_CACHE_DIR; print(PEER_CACHE_DIR)')
-if [ -f .carry/peer_triton_cache.tar.gz ] && [ ! -d "$PEER_CACHE" ]; then
-    mkdir -p "$PEER_CACHE" && tar -xzf .carry/peer_triton_cache.tar.gz -C "$PEER_CACHE"
-    echo "unpacked .carry/peer_triton_cache.tar.gz into $PEER_CACHE" | tee -a "$LOG"
-fi
+# shellcheck source=benchmarks/peer_cache.sh
+source benchmarks/peer_cache.sh
+unpack_peer_cache
 $PY - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, triton
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
@@ -61,12 +59,7 @@ if [ "$phase" != bench ]; then
     echo "== warm-up: fla compiles and autotunes (first calls only) ==" | tee -a "$LOG"
     $PY -m flash_gsa.bench.op --warmup-only --impls fla-chunk_gsa --decode-impls fla-fused_recurrent_gsa \
         --timeout 540 "$@" 2>&1 | tee -a "$LOG"
-    if [ -d "$PEER_CACHE" ]; then
-        tar -czf /tmp/peer_triton_cache.tar.gz -C "$PEER_CACHE" .
-        size=$(stat -c %s /tmp/peer_triton_cache.tar.gz)
-        if [ "$size" -le $((16 * 1024 * 1024)) ]; then cp /tmp/peer_triton_cache.tar.gz "$OUT/"; fi
-        echo "peer Triton cache: $(du -sh "$PEER_CACHE" | cut -f1), packed $((size / 1024)) KiB" | tee -a "$LOG"
-    fi
+    pack_peer_cache
 fi
 if [ "$phase" != warmup ]; then
     echo "== timed run ==" | tee -a "$LOG"

@@ -54,11 +54,9 @@ if ! $PY -c 'import fla.models' >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 
-PEER_CACHE=$($PY -c 'from flash_gsa.bench.record import PEER_CACHE_DIR; print(PEER_CACHE_DIR)')
-if [ -f .carry/peer_triton_cache.tar.gz ] && [ ! -d "$PEER_CACHE" ]; then
-    mkdir -p "$PEER_CACHE" && tar -xzf .carry/peer_triton_cache.tar.gz -C "$PEER_CACHE"
-    echo "unpacked .carry/peer_triton_cache.tar.gz into $PEER_CACHE" | tee -a "$LOG"
-fi
+# shellcheck source=benchmarks/peer_cache.sh
+source benchmarks/peer_cache.sh
+unpack_peer_cache
 $PY - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, transformers, triton
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
@@ -75,12 +73,7 @@ if [ "$phase" != bench ]; then
     echo "== warm-up: fla's first training step (compile + autotune) ==" | tee -a "$LOG"
     $PY -m flash_gsa.bench.train --warmup-only --impls fla-GSAForCausalLM --timeout-s 540 "$@" \
         --results-dir "$RESULTS" 2>&1 | tee -a "$LOG"
-    if [ -d "$PEER_CACHE" ]; then
-        tar -czf /tmp/peer_triton_cache.tar.gz -C "$PEER_CACHE" .
-        size=$(stat -c %s /tmp/peer_triton_cache.tar.gz)
-        if [ "$size" -le $((16 * 1024 * 1024)) ]; then cp /tmp/peer_triton_cache.tar.gz "$OUT/"; fi
-        echo "peer Triton cache: $(du -sh "$PEER_CACHE" | cut -f1), packed $((size / 1024)) KiB" | tee -a "$LOG"
-    fi
+    pack_peer_cache
 fi
 if [ "$phase" != warmup ]; then
     echo "== timed run ==" | tee -a "$LOG"

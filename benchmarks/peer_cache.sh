@@ -1,0 +1,24 @@
+# Sourced by run_op_bench.sh and run_train_bench.sh: fla's Triton cache (PEER_CACHE_DIR in flash_gsa/bench/record.py,
+# under /tmp), which holds its autotuning choices, carried between machines as .carry/peer_triton_cache.tar.gz.
+# Needs $PY, $LOG and $OUT; sets $PEER_CACHE.
+
+PEER_CACHE=$($PY -c 'from flash_gsa.bench.record import PEER_CACHE_DIR; print(PEER_CACHE_DIR)')
+
+# Unpacks a carried cache into PEER_CACHE, unless this machine already has one.
+unpack_peer_cache() {
+    if [ -f .carry/peer_triton_cache.tar.gz ] && [ ! -d "$PEER_CACHE" ]; then
+        mkdir -p "$PEER_CACHE" && tar -xzf .carry/peer_triton_cache.tar.gz -C "$PEER_CACHE"
+        echo "unpacked .carry/peer_triton_cache.tar.gz into $PEER_CACHE" | tee -a "$LOG"
+    fi
+}
+
+# Packs PEER_CACHE into $OUT/peer_triton_cache.tar.gz when it is at most 16 MiB (what a device call brings back).
+pack_peer_cache() {
+    if [ -d "$PEER_CACHE" ]; then
+        tar -czf /tmp/peer_triton_cache.tar.gz -C "$PEER_CACHE" .
+        local size
+        size=$(stat -c %s /tmp/peer_triton_cache.tar.gz)
+        if [ "$size" -le $((16 * 1024 * 1024)) ]; then cp /tmp/peer_triton_cache.tar.gz "$OUT/"; fi
+        echo "peer Triton cache: $(du -sh "$PEER_CACHE" | cut -f1), packed $((size / 1024)) KiB" | tee -a "$LOG"
+    fi
+}
