@@ -12,13 +12,20 @@ unpack_peer_cache() {
     fi
 }
 
-# Packs PEER_CACHE into $OUT/peer_triton_cache.tar.gz when it is at most 16 MiB (what a device call brings back).
+# Packs PEER_CACHE into $OUT/peer_triton_cache.tar.gz when it is at most 16 MiB (what a device call brings back);
+# when it is larger, packs only the autotuning results (*.autotune.json): a fresh machine then compiles fla's chosen
+# configurations again (seconds each) but does not re-tune them (the minutes).
 pack_peer_cache() {
     if [ -d "$PEER_CACHE" ]; then
+        local limit=$((16 * 1024 * 1024)) size what="everything"
         tar -czf /tmp/peer_triton_cache.tar.gz -C "$PEER_CACHE" .
-        local size
         size=$(stat -c %s /tmp/peer_triton_cache.tar.gz)
-        if [ "$size" -le $((16 * 1024 * 1024)) ]; then cp /tmp/peer_triton_cache.tar.gz "$OUT/"; fi
-        echo "peer Triton cache: $(du -sh "$PEER_CACHE" | cut -f1), packed $((size / 1024)) KiB" | tee -a "$LOG"
+        if [ "$size" -gt "$limit" ]; then
+            (cd "$PEER_CACHE" && find . -name '*.autotune.json' -print0 | tar -czf /tmp/peer_triton_cache.tar.gz --null -T -)
+            size=$(stat -c %s /tmp/peer_triton_cache.tar.gz)
+            what="autotuning results only"
+        fi
+        if [ "$size" -le "$limit" ]; then cp /tmp/peer_triton_cache.tar.gz "$OUT/"; else what="nothing (too big)"; fi
+        echo "peer Triton cache: $(du -sh "$PEER_CACHE" | cut -f1), packed $((size / 1024)) KiB: $what" | tee -a "$LOG"
     fi
 }
