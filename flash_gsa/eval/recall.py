@@ -251,6 +251,8 @@ def train_cell(
     """Trains and evaluates one cell (a dict from `MQARGrid.cells`). Returns its record (cell fields, shapes, state
     size, accuracy, steps, seconds, why it stopped)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # a worker's cell may be on any GPU; this process's allocations follow it
     spec = MQARSpec(grid.vocab_size, cell["seq_len"], cell["num_pairs"])
     config = mqar_model_config(
         cell["mixer"], cell["d_model"], grid.vocab_size, spec.seq_len, **grid.overrides.get(cell["mixer"], {})

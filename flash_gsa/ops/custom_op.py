@@ -119,20 +119,23 @@ def _flat(*xs: Tensor) -> list[Tensor]:
 
 
 def _triton_forward(q, k, v, g, s, scale, init, cu_seqlens) -> tuple[Tensor, Tensor, list[Tensor]]:
-    from .triton.function import chunk_forward
+    from .triton.function import chunk_forward, device_guard
 
     B, T = q.shape[:2]
-    o, final, saved = chunk_forward(*_flat(q, k, v, g, s), scale, init, _layout(q, g, cu_seqlens))
+    with device_guard(q.device):
+        o, final, saved = chunk_forward(*_flat(q, k, v, g, s), scale, init, _layout(q, g, cu_seqlens))
     return o.view(B, T, *o.shape[1:]), final, list(saved)
 
 
 def _triton_backward_grads(q, k, v, s, do, d_final, final, saved, scale, cu_seqlens):
-    from .triton.function import chunk_backward
+    from .triton.function import chunk_backward, device_guard
 
     B, T = q.shape[:2]
     d_final = None if d_final is None else d_final.float().contiguous()
     flat = _flat(q, k, v, s, do)
-    dq, dk, dv, ds, dg, d_init = chunk_backward(*flat, d_final, final, tuple(saved), scale, _layout(q, s, cu_seqlens))
+    with device_guard(q.device):
+        layout = _layout(q, s, cu_seqlens)
+        dq, dk, dv, ds, dg, d_init = chunk_backward(*flat, d_final, final, tuple(saved), scale, layout)
     return (*(x.view(B, T, *x.shape[1:]) for x in (dq, dk, dv, dg, ds)), d_init)
 
 

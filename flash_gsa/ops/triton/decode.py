@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import config
+from .function import device_guard
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -315,10 +316,11 @@ def fused_recurrent_gsa(
         num_stages=config.DECODE_NUM_STAGES,
     )
     if N * H > 0:
-        _gsa_decode_keys_kernel[(N * H * NK,)](
-            q, k, g, s, hk0, hk1, zp, cu_seqlens, float(scale), T, K=K, BK=BK, **common
-        )
-        _gsa_decode_values_kernel[(N * H * NV,)](
-            v, g, s, zp, o, hv0, hv1, cu_seqlens, T, V=V, BV=BV, BNK=config.next_power_of_2(NK), NV=NV, **common
-        )
+        with device_guard(device):
+            _gsa_decode_keys_kernel[(N * H * NK,)](
+                q, k, g, s, hk0, hk1, zp, cu_seqlens, float(scale), T, K=K, BK=BK, **common
+            )
+            _gsa_decode_values_kernel[(N * H * NV,)](
+                v, g, s, zp, o, hv0, hv1, cu_seqlens, T, V=V, BV=BV, BNK=config.next_power_of_2(NK), NV=NV, **common
+            )
     return o, ((hk1, hv1) if output_final_state else None)

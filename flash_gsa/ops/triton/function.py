@@ -7,6 +7,7 @@ Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv and bwd_gate (
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -57,6 +58,12 @@ def layout_for(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, M: int
     if cu_seqlens is None:
         return _equal_length_layout(batch, seq_len, C, torch.device(device))
     return chunk_layout(cu_seqlens, None, C)
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes `device` the current CUDA device for the launches inside: Triton launches on the current device (and its
+    stream), so tensors on cuda:1 while cuda:0 is current would otherwise fail or read the wrong memory."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def empty(*shape: int, device, dtype) -> torch.Tensor:
