@@ -11,6 +11,8 @@
 # sharing the GPUs (small models are launch-bound, so several processes keep a GPU busy); with several GPUs visible
 # the cells are dealt round-robin over them (on nvidia-h200-x2, WORKERS=12 puts 6 on each).
 # Writes benchmarks/results/mqar_<gpu>.json, .png, .md and copies them, with the logs, to $OUT (5 files).
+# To give each setting a whole command: `--settings 512:64` in one call, `--settings 256:16` in the next, then join
+# the two JSON files (renamed apart) with `gsa mqar --merge A.json B.json`.
 # Needs: python3 with CUDA torch, triton, transformers, tqdm, matplotlib. The stamp's commit comes from git, or from
 # $FLASH_GSA_COMMIT where the copied tree has no .git.
 set -euo pipefail

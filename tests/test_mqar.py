@@ -149,7 +149,8 @@ def test_run_writes_results_and_skips_past_the_budget(tmp_path):
 
 def test_merge_joins_learning_rates_and_picks_the_best_again(tmp_path):
     """Two real (tiny) runs of the same grid with different learning rates join into one file whose best cell is
-    chosen over both; runs whose grids differ otherwise, or that repeat a cell, are refused."""
+    chosen over both; a run of another setting joins as its own table; runs whose grids differ otherwise, or that
+    repeat a cell, are refused."""
     from flash_gsa.eval.recall import merge_mqar
 
     base = dict(settings=((32, 2),), d_models=(16,), mixers=("gla",), vocab_size=16, steps=2, batch_size=4,
@@ -171,6 +172,13 @@ def test_merge_joins_learning_rates_and_picks_the_best_again(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mqar_cpu.json", "mqar_cpu.md", "mqar_cpu.png"]
     with pytest.raises(ValueError, match="more than one input"):
         merge_mqar([a, a], tmp_path / "out")
+    (tmp_path / "c").mkdir()
+    run_mqar(MQARGrid(**{**base, "settings": ((16, 1),)}, lrs=(1e-2,)), tmp_path / "c", device="cpu",
+             log=lambda s: None)
+    merged = merge_mqar([a, b, tmp_path / "c" / "mqar_cpu.json"], tmp_path / "out")
+    assert [tuple(x) for x in merged["grid"]["settings"]] == [(32, 2), (16, 1)]
+    assert sorted((r["seq_len"], r["lr"]) for r in merged["best"]) == [(16, 1e-2), (32, 1e-3)]
+    assert "seq_len 16" in merged["markdown"] and "seq_len 32" in merged["markdown"]
     payload_b["grid"]["steps"] = 3
     b.write_text(json.dumps(payload_b))
     with pytest.raises(ValueError, match="grid differs"):

@@ -544,14 +544,15 @@ def _write_outputs(payload: dict[str, Any], results_dir: Path, name: str) -> lis
 
 
 def merge_mqar(paths: Sequence[str | os.PathLike], results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Joins MQAR results of runs that differ only in their mixers and learning rates (e.g. a second run with a
-    learning rate the first lacked, or one process per machine) into one `mqar_*.json`, `.png` and `.md`, named as
-    the first input and written into `results_dir` (default: the first input's folder). The best learning rate per
-    cell is chosen again over all runs. A cell (setting, d_model, mixer, lr) may come from one input only."""
+    """Joins MQAR results of runs that differ only in their settings (sequence length, pairs), mixers and learning
+    rates (e.g. a second run with a learning rate the first lacked, or one setting per device call) into one
+    `mqar_*.json`, `.png` and `.md`, named as the first input and written into `results_dir` (default: the first
+    input's folder). The best learning rate per cell is chosen again over all runs. A cell (setting, d_model, mixer,
+    lr) may come from one input only."""
     if len(paths) < 2:
         raise ValueError("merge needs at least two result files")
     payloads = [json.loads(Path(p).read_text()) for p in paths]
-    varying = ("mixers", "lrs", "workers", "budget_s")
+    varying = ("settings", "mixers", "lrs", "workers", "budget_s")
 
     def comparable(payload: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in payload["grid"].items() if k not in varying}
@@ -564,6 +565,7 @@ def merge_mqar(paths: Sequence[str | os.PathLike], results_dir: str | os.PathLik
     if len(set(keys)) != len(keys):
         raise ValueError("a cell (setting, d_model, mixer, lr) appears in more than one input")
     grid = dict(payloads[0]["grid"])
+    grid["settings"] = list(dict.fromkeys(tuple(x) for payload in payloads for x in payload["grid"]["settings"]))
     grid["mixers"] = list(dict.fromkeys(m for payload in payloads for m in payload["grid"]["mixers"]))
     grid["lrs"] = sorted({lr for payload in payloads for lr in payload["grid"]["lrs"]})
     merged = {
@@ -574,7 +576,7 @@ def merge_mqar(paths: Sequence[str | os.PathLike], results_dir: str | os.PathLik
         "wall_s": sum(payload.get("wall_s", 0.0) for payload in payloads),
         "merged_from": [
             {"file": Path(p).name, "commit": pl["stamp"].get("commit"), "date_utc": pl["stamp"].get("date_utc"),
-             "mixers": pl["grid"]["mixers"], "lrs": pl["grid"]["lrs"]}
+             "settings": pl["grid"]["settings"], "mixers": pl["grid"]["mixers"], "lrs": pl["grid"]["lrs"]}
             for p, pl in zip(paths, payloads, strict=True)
         ],
     }
