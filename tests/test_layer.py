@@ -312,3 +312,42 @@ def test_gradients_reach_every_parameter_with_padding():
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
     layer(randn(2, 4, D), attention_mask=mask).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_rmsnorm_and_swiglu_backwards_are_exact():
+    """RMSNorm and SwiGLU keep fewer tensors for the backward and recompute the rest: their gradients must be the
+    plain formulas' (float64, numerical gradcheck, and autograd through the formula on fresh random inputs)."""
+    from flash_gsa.layers.mlp import _SiLUMul
+    from flash_gsa.layers.norm import _RMSNormFunction
+
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, w))
+    gate, up = (torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(_SiLUMul.apply, (gate, up))
+
+    norm, mlp = RMSNorm(8).double(), SwiGLU(8, 12).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    y = torch.randn(2, 3, 8, dtype=torch.float64)
+    for module, plain in (
+        (norm, lambda v: v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight),
+        (mlp, lambda v: mlp.down_proj(F.silu(mlp.gate_proj(v)) * mlp.up_proj(v))),
+    ):
+        params = list(module.parameters())
+        a, b = (y.clone().requires_grad_() for _ in range(2))
+        dy = torch.randn(2, 3, 8, dtype=torch.float64)
+        ga = torch.autograd.grad((module(a) * dy).sum(), [a, *params])
+        gb = torch.autograd.grad((plain(b) * dy).sum(), [b, *params])
+        torch.testing.assert_close(module(a), plain(b), **TOL)
+        for u, v in zip(ga, gb, strict=True):
+            torch.testing.assert_close(u, v, **TOL)
+
+
+def test_rmsnorm_keeps_the_input_dtype_and_computes_in_float32():
+    x = torch.randn(4, 16).bfloat16()
+    norm = RMSNorm(16)
+    ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=2**-8)  # one bf16 rounding of the result

@@ -348,3 +348,34 @@ def test_forward_errors(kwargs, match):
         kwargs = {"input_ids": torch.ones(1, 3, dtype=torch.long), **kwargs}
     with pytest.raises(ValueError, match=match):
         make(dtype=torch.float32)(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_loss_matches_cross_entropy(monkeypatch, dtype):
+    """The loss runs over row chunks (here 3 rows each, forced small) and keeps no float32 copy of the logits: its
+    value and gradient must be F.cross_entropy's on the same logits, with ignored targets, packed documents and an
+    explicit divisor. float64: agreement to rounding (1e-9). bf16 logits: both compute in float32 from the same values;
+    the gradients are rounded to bf16 (2^-8 relative) by both, allow 2 ulps."""
+    import flash_gsa.models.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * 7)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[0, 2] = -100
+    cu = torch.tensor([0, 2, 5])
+    for cu_seqlens, items in ((None, None), (cu, None), (None, 11)):
+        a, b = (logits.detach().clone().requires_grad_() for _ in range(2))
+        got = loss_module.causal_lm_loss(a, labels, cu_seqlens, items)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if cu_seqlens is not None:
+            targets[:, cu_seqlens[1:-1] - 1] = -100
+        want = F.cross_entropy(b.double().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction="mean" if items is None else "sum")
+        want = want if items is None else want / items
+        ga, gb = torch.autograd.grad(got, a)[0], torch.autograd.grad(want, b)[0]
+        assert got.dtype == torch.float64 if dtype == torch.float64 else got.dtype == torch.float32
+        assert ga.dtype == dtype
+        tol = TOL if dtype == torch.float64 else dict(rtol=2**-7, atol=2**-7 * gb.abs().max().item())
+        torch.testing.assert_close(got.double(), want, **(TOL if dtype == torch.float64 else dict(rtol=1e-6,
+                                                                                             atol=1e-6)))
+        torch.testing.assert_close(ga.double(), gb.double(), **tol)

@@ -7,6 +7,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _SiLUMul(torch.autograd.Function):
+    """SiLU(gate) * up. Keeps gate and up for the backward, which recomputes SiLU in float32 (autograd through the
+    plain formula would also keep SiLU(gate): one more [tokens, intermediate] tensor per layer). The backward
+    computes in at least float32."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, d: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dt = torch.promote_types(gate.dtype, torch.float32)
+        g, d = gate.to(dt), d.to(dt)
+        sig = torch.sigmoid(g)
+        d_up = d * (g * sig)
+        d_gate = d * up.to(dt) * sig * (1 + g * (1 - sig))
+        return d_gate.to(gate.dtype), d_up.to(up.dtype)
+
+
 class SwiGLU(nn.Module):
     """`down(SiLU(gate(x)) * up(x))`, all bias-free (the Llama MLP)."""
 
@@ -19,4 +40,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_SiLUMul.apply(self.gate_proj(x), self.up_proj(x)))

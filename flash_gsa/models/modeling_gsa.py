@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -13,6 +12,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..layers import MIXERS, GatedSlotAttention, RMSNorm, ShortConvolution, SwiGLU
 from .cache import GSACache
 from .configuration_gsa import GSAConfig
+from .loss import causal_lm_loss
 
 try:  # transformers >= 5: these skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -184,28 +184,6 @@ class GSAModel(GSAPreTrainedModel):
         return BaseModelOutputWithPast(
             hidden_states, past_key_values if use_cache else None, tuple(all_hidden) if output_hidden_states else None
         )
-
-
-def causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    cu_seqlens: torch.Tensor | None = None,
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Next-token cross-entropy in (at least) float32: logits at t predict labels at t + 1; label -100 is ignored.
-
-    With `cu_seqlens`, the first token of each packed document is not a target of the previous document's last token.
-    The sum is divided by `num_items_in_batch` when given (gradient accumulation), else by the number of targets.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    if cu_seqlens is not None and cu_seqlens.numel() > 2:
-        targets = targets.clone()
-        targets[:, cu_seqlens[1:-1].long() - 1] = -100
-    loss = F.cross_entropy(
-        logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), targets.flatten(), ignore_index=-100,
-        reduction="mean" if num_items_in_batch is None else "sum",
-    )
-    return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
 class GSAForCausalLM(GSAPreTrainedModel, GenerationMixin):
