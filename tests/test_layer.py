@@ -351,3 +351,42 @@ def test_rmsnorm_keeps_the_input_dtype_and_computes_in_float32():
     out = norm(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=2**-8)  # one bf16 rounding of the result
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_heads": 4, "num_kv_heads": 2, "use_short_conv": True, "conv_size": 3}])
+def test_cached_steps_take_the_decoding_kernel(monkeypatch, kw):
+    """With a cache and no gradients, a few new tokens go through the Triton decoding kernel (forced on the CPU here,
+    through Triton's interpreter), which updates the cached state in place. float32 throughout: the kernel and the
+    chunk backend compute in fp32 from the same values, so steps agree with the full forward to ~1e-6 (allowed 1e-4),
+    and with a padded batch (one packed row of documents under the hood) too."""
+    import flash_gsa.layers.gsa as gsa_module
+    from flash_gsa.ops.triton import decode
+
+    calls = []
+    real = decode.fused_recurrent_gsa
+    monkeypatch.setattr(decode, "fused_recurrent_gsa", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(gsa_module, "_decode_kernel_device", lambda x: True)
+    layer = gsa_layer(**kw).float()
+    x = randn(2, 9, D).float()
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0  # left padding, as generate() makes it
+    tol = dict(rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        for m in (None, mask):
+            full = layer(x, attention_mask=m)
+            cache = GSACache()
+            pieces, t, before = [], 0, len(calls)
+            for step in (5, 1, 1, 2):  # a prefill (chunk backend), then cached steps (the kernel)
+                mt = None if m is None else m[:, : t + step]
+                pieces.append(layer(x[:, t : t + step], attention_mask=mt, past_key_values=cache, use_cache=True))
+                if step == 1:
+                    state = cache[0].recurrent_state
+                    assert all(s.is_contiguous() and s.dtype == torch.float32 for s in state)
+                t += step
+            out = torch.cat(pieces, dim=1)
+            if m is not None:
+                out, full = out[m.bool()], full[m.bool()]
+            torch.testing.assert_close(out, full, **tol)
+            assert len(calls) - before == 3 and all(c["inplace"] for c in calls[before:])
+            # the last steps wrote into the very tensors the cache holds
+            assert cache[0].recurrent_state[0].data_ptr() == state[0].data_ptr()

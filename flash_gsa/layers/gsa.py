@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from ..models.configuration_gsa import GSAConfig
 
 FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x}
+DECODE_KERNEL_MAX_STEPS = 64  # new tokens per call up to which a cached call takes the decoding kernel
+_DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _decode_kernel_device(x: torch.Tensor) -> bool:
+    """Whether the Triton decoding kernel runs where x is: on CUDA (tests also run it on the CPU, through Triton's
+    interpreter)."""
+    return x.is_cuda
 
 
 class GatedSlotAttention(TokenMixer):
@@ -119,14 +127,41 @@ class GatedSlotAttention(TokenMixer):
         f = f.unflatten(-1, (self.num_kv_heads, self.num_slots))
         g, s = self._gates(f.to(torch.promote_types(f.dtype, torch.float32)), cu_seqlens, state, use_cache)
 
-        o, final_state = gsa(
-            q, k, v, g, s,
-            scale=1.0,
-            initial_state=state.recurrent_state if state is not None else None,
-            output_final_state=use_cache,
-            cu_seqlens=cu_seqlens,
-        )
+        if self._takes_decode_kernel(q, state, use_cache):
+            o, final_state = self._decode(q, k, v, g, s, cu_seqlens, state)
+        else:
+            o, final_state = gsa(
+                q, k, v, g, s,
+                scale=1.0,
+                initial_state=state.recurrent_state if state is not None else None,
+                output_final_state=use_cache,
+                cu_seqlens=cu_seqlens,
+            )
         if use_cache:
             state.recurrent_state = final_state
             state.conv_state.update(windows)
         return self.o_proj(self.g_norm(F.silu(o.flatten(-2))))
+
+    @staticmethod
+    def _takes_decode_kernel(q: torch.Tensor, state: LayerState | None, use_cache: bool) -> bool:
+        """A few new tokens continuing a cached state, without gradients, on CUDA: generate()'s steps."""
+        return (
+            use_cache
+            and state is not None
+            and state.recurrent_state is not None
+            and q.shape[1] <= DECODE_KERNEL_MAX_STEPS
+            and q.dtype in _DECODE_DTYPES
+            and not (torch.is_grad_enabled() and q.requires_grad)
+            and not torch.compiler.is_compiling()
+            and _decode_kernel_device(q)
+        )
+
+    @staticmethod
+    def _decode(q, k, v, g, s, cu_seqlens, state: LayerState):
+        """The Triton decoding kernel, one launch, updating the cached state in place (made float32 and contiguous
+        once, at the first step after a prefill)."""
+        from ..ops.triton.decode import fused_recurrent_gsa
+
+        hk, hv = (x.float().contiguous() for x in state.recurrent_state)
+        o, _ = fused_recurrent_gsa(q, k, v, g, s, 1.0, (hk, hv), False, cu_seqlens, inplace=True)
+        return o, (hk, hv)

@@ -27,10 +27,8 @@ NUM_STAGES = {"local": 2, "scan": 3, "output": 1, "bwd_query": 2, "bwd_kv": 2, "
 LOWP_FORWARD = False
 LOWP_BACKWARD = False
 
-# Decoding kernel (decode.py): each program keeps one tile of a state in registers.
-DECODE_MAX_TILE = 4096  # largest state tile of one program, in fp32 elements (MAX_TILE / (32 * NUM_WARPS) registers)
-DECODE_MIN_TILE = 1024  # smallest tile the heuristic shrinks to when the grid is small
-DECODE_TARGET_PROGRAMS = 264  # shrink tiles until each launch has about this many programs (two waves of 132 SMs)
+# Decoding kernel (decode.py): one program per (sequence, kv-head) walks the state in tiles.
+DECODE_PRODUCT = 8192  # fp32 elements of one tile's [query heads, K or V tile, M] product (64 registers at 4 warps)
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 1
 

@@ -6,18 +6,13 @@ Per sequence and kv-head, with a_t = exp(g_t) (g in log space, <= 0):
     hv_t = hv_{t-1} * a_t[:, None] + s_t[:, None] * v_t[None, :]     hv: [M, V]
     o_t  = softmax_M(scale * q_t @ hk_t) @ hv_t                       each of the G = HQ / H query heads of the group
 
-Two launches, each over tiles of one state:
-
-1. keys: one program per (sequence, kv-head, K-tile). It loads its [BK, M] tile of hk once, walks the T steps
-   keeping the tile in registers, and writes, per step and query head, its partial slot logits q[tile] @ hk[tile]
-   to a small fp32 scratch [tokens, HQ, NK, M]. It stores the tile once at the end.
-2. values: one program per (sequence, kv-head, V-tile). It loads its [M, BV] tile of hv once, walks the same steps,
-   sums the NK partial logits, takes the softmax over the slots in fp32, updates the tile and writes o[:, tile].
-
-Every state element is read once and written once, k/v/g/s are read in place for all G query heads (never
-repeated in memory), accumulation is fp32, and only g is exponentiated. The scratch (NK * M floats per token and
-query head) is the one extra traffic. Splitting the state into tiles over K and V gives B * H * (NK + NV) programs,
-enough to spread a batch of one over the GPU.
+One launch, one program per (sequence, kv-head): per step it walks the tiles of hk (updating each and summing the
+slot logits of all G query heads), takes the softmax over the slots in fp32, then walks the tiles of hv (updating
+each and writing o). A decoding step is bound by host time (Python and launches: two launches took ~120 us per
+step on the H200 machine, the kernels a few), so one launch matters more than spreading a batch of one over many
+programs. Every state element is read once and written once per step, k/v/g/s are read in place for all G query
+heads (never repeated in memory), accumulation is fp32, and only g is exponentiated. From the second step of a
+sequence on, the program reads back the state it wrote (a barrier orders the two).
 """
 
 from __future__ import annotations
@@ -37,102 +32,117 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _gsa_decode_keys_kernel(
+def _decode_step(q, k, v, g, s, hk_src, hv_src, hk1, hv1, o, scale, t, i_nh, i_h,
+                 H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                 BG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, HAS_SRC: tl.constexpr,
+                 STORE: tl.constexpr):
+    """One step t of sequence-head i_nh: reads the state from hk_src / hv_src (zeros without HAS_SRC), k[t, h],
+    v[t, h], g and s[t, h, :], q[t, h*G:(h+1)*G]; writes o[t, h*G:(h+1)*G] and, with STORE, the new state to
+    hk1 / hv1 (which may be the source)."""
+    o_m = tl.arange(0, BM)
+    o_g = tl.arange(0, BG)
+    m_m = o_m < M
+    m_g = o_g < G
+    b_g = tl.load(g + (t * H + i_h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_s = tl.load(s + (t * H + i_h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_a = tl.exp(b_g)
+    rows = (t * H + i_h) * G + o_g  # the group's query heads in q and o
+
+    b_z = tl.zeros([BG, BM], dtype=tl.float32)
+    for i_k in tl.static_range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        m_h = m_k[:, None] & m_m[None, :]
+        p_h = i_nh * K * M + o_k[:, None] * M + o_m[None, :]
+        if HAS_SRC:
+            b_h = tl.load(hk_src + p_h, mask=m_h, other=0.0).to(tl.float32)
+        else:
+            b_h = tl.zeros([BK, BM], dtype=tl.float32)
+        b_k = tl.load(k + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_h = b_h * b_a[None, :] + b_k[:, None] * b_s[None, :]
+        if STORE:
+            tl.store(hk1 + p_h, b_h, mask=m_h)
+        b_q = tl.load(q + rows[:, None] * K + o_k[None, :], mask=m_g[:, None] & m_k[None, :], other=0.0)
+        b_z += tl.sum(b_q.to(tl.float32)[:, :, None] * b_h[None, :, :], axis=1)
+
+    b_z = tl.where(m_m[None, :], b_z * scale, float("-inf"))
+    b_p = tl.exp(b_z - tl.max(b_z, axis=1)[:, None])
+    b_p = b_p / tl.sum(b_p, axis=1)[:, None]
+
+    for i_v in tl.static_range(0, V, BV):
+        o_v = i_v + tl.arange(0, BV)
+        m_v = o_v < V
+        m_h = m_m[:, None] & m_v[None, :]
+        p_h = i_nh * M * V + o_m[:, None] * V + o_v[None, :]
+        if HAS_SRC:
+            b_h = tl.load(hv_src + p_h, mask=m_h, other=0.0).to(tl.float32)
+        else:
+            b_h = tl.zeros([BM, BV], dtype=tl.float32)
+        b_v = tl.load(v + (t * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_h = b_h * b_a[:, None] + b_s[:, None] * b_v[None, :]
+        if STORE:
+            tl.store(hv1 + p_h, b_h, mask=m_h)
+        b_o = tl.sum(b_p[:, :, None] * b_h[None, :, :], axis=1)
+        tl.store(o + rows[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_g[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _copy_state(hk0, hv0, hk1, hv1, i_nh, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, BM: tl.constexpr, HAS_H0: tl.constexpr):
+    """An empty sequence: its final state is its initial state (zeros without HAS_H0)."""
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    for i_k in tl.static_range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_h = (o_k < K)[:, None] & m_m[None, :]
+        p_h = i_nh * K * M + o_k[:, None] * M + o_m[None, :]
+        b_h = tl.zeros([BK, BM], dtype=tl.float32)
+        if HAS_H0:
+            b_h = tl.load(hk0 + p_h, mask=m_h, other=0.0)
+        tl.store(hk1 + p_h, b_h, mask=m_h)
+    for i_v in tl.static_range(0, V, BV):
+        o_v = i_v + tl.arange(0, BV)
+        m_h = m_m[:, None] & (o_v < V)[None, :]
+        p_h = i_nh * M * V + o_m[:, None] * V + o_v[None, :]
+        b_h = tl.zeros([BM, BV], dtype=tl.float32)
+        if HAS_H0:
+            b_h = tl.load(hv0 + p_h, mask=m_h, other=0.0)
+        tl.store(hv1 + p_h, b_h, mask=m_h)
+
+
+@triton.jit
+def _gsa_decode_kernel(
     q,
     k,
+    v,
     g,
     s,
     hk0,
+    hv0,
     hk1,
-    zp,
+    hv1,
+    o,
     cu_seqlens,
     scale,
     T,
     H: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
-    M: tl.constexpr,
-    BK: tl.constexpr,
-    BM: tl.constexpr,
-    NK: tl.constexpr,
-    VARLEN: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    STORE_FINAL: tl.constexpr,
-):
-    """Key pass. Program (n, h, K-tile i): reads hk0[n, h, tile, :] (if HAS_H0), k[., h, tile], g and s[., h, :],
-    q[., h*G:(h+1)*G, tile]; writes zp[t, h*G+j, i, :] = scale * q_tj[tile] @ hk_t[tile, :] for each step t and query
-    head j, and hk1[n, h, tile, :] (if STORE_FINAL; hk1 may alias hk0)."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_k = pid % NK
-    i_nh = pid // NK
-    i_n = i_nh // H
-    i_h = i_nh % H
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n * T
-        eos = bos + T
-
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_m = tl.arange(0, BM)
-    m_k = o_k < K
-    m_m = o_m < M
-    m_h = m_k[:, None] & m_m[None, :]
-    p_h = i_nh * K * M + o_k[:, None] * M + o_m[None, :]
-    if HAS_H0:
-        b_h = tl.load(hk0 + p_h, mask=m_h, other=0.0).to(tl.float32)
-    else:
-        b_h = tl.zeros([BK, BM], dtype=tl.float32)
-
-    # A while loop rather than range(length): Triton's interpreter cannot take a run-time bound with NumPy >= 2.4.
-    t = bos
-    while t < eos:
-        b_k = tl.load(k + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_g = tl.load(g + (t * H + i_h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_s = tl.load(s + (t * H + i_h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_h = b_h * tl.exp(b_g)[None, :] + b_k[:, None] * b_s[None, :]
-        for j in tl.static_range(G):
-            i_q = (t * H + i_h) * G + j
-            b_q = tl.load(q + i_q * K + o_k, mask=m_k, other=0.0).to(tl.float32) * scale
-            b_z = tl.sum(b_h * b_q[:, None], axis=0)
-            tl.store(zp + (i_q * NK + i_k) * M + o_m, b_z, mask=m_m)
-        t += 1
-
-    if STORE_FINAL:
-        tl.store(hk1 + p_h, b_h, mask=m_h)
-
-
-@triton.jit
-def _gsa_decode_values_kernel(
-    v,
-    g,
-    s,
-    zp,
-    o,
-    hv0,
-    hv1,
-    cu_seqlens,
-    T,
-    H: tl.constexpr,
-    G: tl.constexpr,
     V: tl.constexpr,
     M: tl.constexpr,
+    BG: tl.constexpr,
+    BK: tl.constexpr,
     BV: tl.constexpr,
     BM: tl.constexpr,
-    NK: tl.constexpr,
-    BNK: tl.constexpr,
-    NV: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_H0: tl.constexpr,
-    STORE_FINAL: tl.constexpr,
+    STORE: tl.constexpr,
 ):
-    """Value pass. Program (n, h, V-tile i): reads hv0[n, h, :, tile] (if HAS_H0), v[., h, tile], g and s[., h, :],
-    the partial logits zp[., h*G:(h+1)*G, :, :]; writes o[t, h*G+j, tile] = softmax(sum of partials) @ hv_t[:, tile]
-    for each step t and query head j, and hv1[n, h, :, tile] (if STORE_FINAL; hv1 may alias hv0)."""
-    pid = tl.program_id(0).to(tl.int64)
-    i_v = pid % NV
-    i_nh = pid // NV
+    """Program (n, h): the steps of sequence n for kv-head h. Reads hk0[n, h], hv0[n, h] (if HAS_H0) and the tokens'
+    q, k, v, g, s; writes o for every step and, with STORE, the state after each step into hk1[n, h], hv1[n, h]
+    (the final state when the program ends; they may alias hk0, hv0; STORE is needed when a sequence has more than
+    one step, which reads back what the previous step stored)."""
+    i_nh = tl.program_id(0).to(tl.int64)
     i_n = i_nh // H
     i_h = i_nh % H
     if VARLEN:
@@ -141,38 +151,18 @@ def _gsa_decode_values_kernel(
     else:
         bos = i_n * T
         eos = bos + T
-
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_m = tl.arange(0, BM)
-    o_nk = tl.arange(0, BNK)
-    m_v = o_v < V
-    m_m = o_m < M
-    m_h = m_m[:, None] & m_v[None, :]
-    m_z = (o_nk[:, None] < NK) & m_m[None, :]
-    p_h = i_nh * M * V + o_m[:, None] * V + o_v[None, :]
-    if HAS_H0:
-        b_h = tl.load(hv0 + p_h, mask=m_h, other=0.0).to(tl.float32)
-    else:
-        b_h = tl.zeros([BM, BV], dtype=tl.float32)
-
-    t = bos
+    if eos > bos:
+        _decode_step(q, k, v, g, s, hk0, hv0, hk1, hv1, o, scale, bos, i_nh, i_h, H, G, K, V, M, BG, BK, BV, BM,
+                     HAS_H0, STORE)
+    elif STORE:
+        _copy_state(hk0, hv0, hk1, hv1, i_nh, K, V, M, BK, BV, BM, HAS_H0)
+    # A while loop rather than range(length): Triton's interpreter cannot take a run-time bound with NumPy >= 2.4.
+    t = bos + 1
     while t < eos:
-        b_v = tl.load(v + (t * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_g = tl.load(g + (t * H + i_h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_s = tl.load(s + (t * H + i_h) * M + o_m, mask=m_m, other=0.0).to(tl.float32)
-        b_h = b_h * tl.exp(b_g)[:, None] + b_s[:, None] * b_v[None, :]
-        for j in tl.static_range(G):
-            i_q = (t * H + i_h) * G + j
-            b_z = tl.sum(tl.load(zp + (i_q * NK + o_nk[:, None]) * M + o_m[None, :], mask=m_z, other=0.0), axis=0)
-            b_z = tl.where(m_m, b_z, float("-inf"))
-            b_p = tl.exp(b_z - tl.max(b_z, axis=0))
-            b_p = b_p / tl.sum(b_p, axis=0)
-            b_o = tl.sum(b_h * b_p[:, None], axis=0)
-            tl.store(o + i_q * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        tl.debug_barrier()  # the previous step's stores are visible to every thread of the program
+        _decode_step(q, k, v, g, s, hk1, hv1, hk1, hv1, o, scale, t, i_nh, i_h, H, G, K, V, M, BG, BK, BV, BM,
+                     True, True)
         t += 1
-
-    if STORE_FINAL:
-        tl.store(hv1 + p_h, b_h, mask=m_h)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -180,19 +170,9 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _block(extent: int, bm: int, tile: int) -> int:
-    """Power-of-two block along K or V so that block * bm is about `tile`, no larger than needed for `extent`."""
-    return max(1, min(config.next_power_of_2(extent), tile // bm))
-
-
-def _tiles(n_heads: int, k: int, v: int, bm: int) -> tuple[int, int]:
-    """(BK, BV): the largest tiles up to DECODE_MAX_TILE that still give about DECODE_TARGET_PROGRAMS programs."""
-    tile = config.DECODE_MAX_TILE
-    while tile > config.DECODE_MIN_TILE and n_heads * config.cdiv(max(k, v), _block(max(k, v), bm, tile)) < (
-        config.DECODE_TARGET_PROGRAMS
-    ):
-        tile //= 2
-    return _block(k, bm, tile), _block(v, bm, tile)
+def _tile(extent: int, bg: int, bm: int) -> int:
+    """Power-of-two tile along K or V: the [BG, tile, BM] product of a step has at most DECODE_PRODUCT elements."""
+    return max(16, min(config.next_power_of_2(extent), config.DECODE_PRODUCT // (bg * bm)))
 
 
 def _check(name: str, x, rank: int) -> None:
@@ -287,40 +267,28 @@ def fused_recurrent_gsa(
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
     has_h0 = initial_state is not None
-    store_final = output_final_state or inplace
     hk0 = hv0 = None
     if has_h0:
         hk0, hv0 = (x.to(torch.float32).contiguous() for x in initial_state)
+    # A sequence of several steps reads back the state each step stores: then a state is stored even when the caller
+    # asked for none (into scratch). With cu_seqlens the lengths are not known on the host.
+    store = output_final_state or inplace or T > 1 or cu_seqlens is not None
     if inplace:
         hk1, hv1 = hk0, hv0
-    elif output_final_state:
+    elif store:
         hk1, hv1 = _empty((N, H, K, M), torch.float32, device), _empty((N, H, M, V), torch.float32, device)
     else:
         hk1 = hv1 = None
 
-    BM = config.next_power_of_2(M)
-    BK, BV = _tiles(N * H, K, V, BM)
-    NK, NV = config.cdiv(K, BK), config.cdiv(V, BV)
+    G = HQ // H
+    BG, BM = config.next_power_of_2(G), config.next_power_of_2(M)
     o = _empty((B, T, HQ, V), q.dtype, device)
-    zp = _empty((B * T, HQ, NK, M), torch.float32, device)
-    common = dict(
-        H=H,
-        G=HQ // H,
-        M=M,
-        BM=BM,
-        NK=NK,
-        VARLEN=cu_seqlens is not None,
-        HAS_H0=has_h0,
-        STORE_FINAL=store_final,
-        num_warps=config.DECODE_NUM_WARPS,
-        num_stages=config.DECODE_NUM_STAGES,
-    )
     if N * H > 0:
         with device_guard(device):
-            _gsa_decode_keys_kernel[(N * H * NK,)](
-                q, k, g, s, hk0, hk1, zp, cu_seqlens, float(scale), T, K=K, BK=BK, **common
-            )
-            _gsa_decode_values_kernel[(N * H * NV,)](
-                v, g, s, zp, o, hv0, hv1, cu_seqlens, T, V=V, BV=BV, BNK=config.next_power_of_2(NK), NV=NV, **common
+            _gsa_decode_kernel[(N * H,)](
+                q, k, v, g, s, hk0, hv0, hk1, hv1, o, cu_seqlens, float(scale), T,
+                H=H, G=G, K=K, V=V, M=M, BG=BG, BK=_tile(K, BG, BM), BV=_tile(V, BG, BM), BM=BM,
+                VARLEN=cu_seqlens is not None, HAS_H0=has_h0, STORE=store,
+                num_warps=config.DECODE_NUM_WARPS, num_stages=config.DECODE_NUM_STAGES,
             )
     return o, ((hk1, hv1) if output_final_state else None)
