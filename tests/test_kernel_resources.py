@@ -1,4 +1,4 @@
-"""Every training kernel of the triton backend can launch on an H100 at the largest supported sizes.
+"""Every kernel of the triton backend (training and decoding) can launch on an H100 at the largest supported sizes.
 
 The kernels are compiled for sm_90 on this (GPU-less) machine by `gsa bench resources` (Triton and its bundled ptxas
 need no device), in a subprocess because the test session runs Triton in interpreter mode. A kernel whose shared
@@ -32,7 +32,7 @@ def test_largest_shapes_fit_h100_shared_memory(tmp_path):
     assert payload["target"] == "sm_90" and "commit" in payload["stamp"]
     records = payload["records"]
     kernels = {"chunk_local_kernel", "chunk_scan_kernel", "chunk_output_kernel", "bwd_query_kernel", "bwd_kv_kernel",
-               "bwd_gate_kernel"}
+               "bwd_gate_kernel", "_gsa_decode_kernel"}
     for shape in shapes:
         K, V, M = (int(x) for x in shape.split(","))
         found = {r["kernel"] for r in records if (r["K"], r["V"], r["M"]) == (K, V, M)}

@@ -1,5 +1,5 @@
-"""`gsa bench resources`: compile the Triton kernels for an NVIDIA GPU on any machine, no GPU needed, and report what
-each needs: shared memory, registers per thread and local-memory stack (register spills).
+"""`gsa bench resources`: compile the Triton kernels (training and decoding) for an NVIDIA GPU on any machine, no GPU
+needed, and report what each needs: shared memory, registers per thread and local-memory stack (register spills).
 
 Triton lowers a kernel to PTX and runs ptxas without touching a device, so the launch code of the triton backend is
 run on CPU tensors with two things swapped in: a stand-in driver that names the target (sm_90, the H100, by default)
@@ -135,14 +135,33 @@ def training_kernel_resources(
         if name in seen:  # the scan runs twice (forward and reverse) with the same resources
             continue
         seen.add(name)
-        md = kernel.metadata
-        records.append(
-            KernelResources(
-                name, K, V, M, md.num_warps, md.shared, **_ptxas_report(kernel.asm["ptx"], arch),
-                fits=md.shared <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]),
-            )
-        )
+        records.append(_record(name, kernel, K, V, M, arch))
     return records
+
+
+def decode_kernel_resources(
+    K: int, V: int, M: int, *, G: int = 1, dtype: torch.dtype = torch.bfloat16, arch: int = 90
+) -> list[KernelResources]:
+    """Compile the decoding kernel (one token, state in place) for one shape; one record."""
+    from ..ops.triton.decode import launch_decode_kernel
+
+    H = 1
+    q = torch.randn(1, 1, H * G, K, dtype=dtype)
+    k, v = torch.randn(1, 1, H, K, dtype=dtype), torch.randn(1, 1, H, V, dtype=dtype)
+    g, s = -torch.rand(1, 1, H, M), torch.rand(1, 1, H, M)
+    hk, hv = torch.zeros(1, H, K, M), torch.zeros(1, H, M, V)
+    with offline_compilation(arch) as compiled:
+        launch_decode_kernel(q, k, v, g, s, 1.0, hk, hv, hk, hv, torch.empty_like(q[..., :1].expand(1, 1, H * G, V)),
+                             None, 1, True)
+    return [_record(name, kernel, K, V, M, arch) for name, _, kernel in compiled]
+
+
+def _record(name: str, kernel, K: int, V: int, M: int, arch: int) -> KernelResources:
+    md = kernel.metadata
+    return KernelResources(
+        name, K, V, M, md.num_warps, md.shared, **_ptxas_report(kernel.asm["ptx"], arch),
+        fits=md.shared <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]),
+    )
 
 
 def format_table(records: Sequence[KernelResources]) -> str:
@@ -174,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     records = []
     for K, V, M in args.shape or DEFAULT_SHAPES:
-        records += training_kernel_resources(K, V, M, arch=args.arch)
+        records += training_kernel_resources(K, V, M, arch=args.arch) + decode_kernel_resources(K, V, M, arch=args.arch)
     print(format_table(records))
     if args.json:
         payload = {"stamp": stamp(), "target": f"sm_{args.arch}", "shared_limit": SHARED_LIMIT.get(args.arch),

@@ -175,6 +175,21 @@ def _tile(extent: int, bg: int, bm: int) -> int:
     return max(16, min(config.next_power_of_2(extent), config.DECODE_PRODUCT // (bg * bm)))
 
 
+def launch_decode_kernel(q, k, v, g, s, scale: float, hk0, hv0, hk1, hv1, o, cu_seqlens, N: int, store: bool):
+    """Launches `_gsa_decode_kernel` on checked, contiguous tensors (shapes as in `fused_recurrent_gsa`; hk0/hv0 None
+    for a zero initial state, hk1/hv1 None unless `store`): one program per (sequence, kv-head)."""
+    T, HQ, K = q.shape[1:]
+    H, V, M = k.shape[2], v.shape[3], g.shape[3]
+    G = HQ // H
+    BG, BM = config.next_power_of_2(G), config.next_power_of_2(M)
+    return _gsa_decode_kernel[(N * H,)](
+        q, k, v, g, s, hk0, hv0, hk1, hv1, o, cu_seqlens, scale, T,
+        H=H, G=G, K=K, V=V, M=M, BG=BG, BK=_tile(K, BG, BM), BV=_tile(V, BG, BM), BM=BM,
+        VARLEN=cu_seqlens is not None, HAS_H0=hk0 is not None, STORE=store,
+        num_warps=config.DECODE_NUM_WARPS, num_stages=config.DECODE_NUM_STAGES,
+    )
+
+
 def _check(name: str, x, rank: int) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != rank:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -280,15 +295,8 @@ def fused_recurrent_gsa(
     else:
         hk1 = hv1 = None
 
-    G = HQ // H
-    BG, BM = config.next_power_of_2(G), config.next_power_of_2(M)
     o = _empty((B, T, HQ, V), q.dtype, device)
     if N * H > 0:
         with device_guard(device):
-            _gsa_decode_kernel[(N * H,)](
-                q, k, v, g, s, hk0, hv0, hk1, hv1, o, cu_seqlens, float(scale), T,
-                H=H, G=G, K=K, V=V, M=M, BG=BG, BK=_tile(K, BG, BM), BV=_tile(V, BG, BM), BM=BM,
-                VARLEN=cu_seqlens is not None, HAS_H0=has_h0, STORE=store,
-                num_warps=config.DECODE_NUM_WARPS, num_stages=config.DECODE_NUM_STAGES,
-            )
+            launch_decode_kernel(q, k, v, g, s, float(scale), hk0, hv0, hk1, hv1, o, cu_seqlens, N, store)
     return o, ((hk1, hv1) if output_final_state else None)
