@@ -40,6 +40,7 @@ def test_stamp_and_json(tmp_path):
     if len(host) >= 4:
         assert host not in json.dumps(st)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", st["date_utc"])
+    assert st["load_1min"] >= 0 and st["cpu_count"] >= 1  # how busy the host was (Linux has getloadavg)
     assert re.fullmatch(r"[a-z0-9-]+", device_slug("NVIDIA H100 80GB HBM3")) and device_slug("A/B  c") == "a-b-c"
     path = write_json(tmp_path / "sub" / "x.json", {"a": [1, None]})
     assert read_json(path) == {"a": [1, None]}

@@ -73,7 +73,8 @@ def git_commit() -> str:
 
 
 def stamp() -> dict[str, Any]:
-    """Device, software versions, commit and UTC date of a run (no host name)."""
+    """Device, software versions, commit and UTC date of a run (no host name), and the load average over the
+    last minute against its CPU count: a busy host (other jobs compiling or training) slows launch-bound work."""
     import torch
 
     return {
@@ -86,6 +87,8 @@ def stamp() -> dict[str, Any]:
         "python": platform.python_version(),
         "commit": git_commit(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
     }
 
 
