@@ -353,8 +353,22 @@ def test_rmsnorm_keeps_the_input_dtype_and_computes_in_float32():
     torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=2**-8)  # one bf16 rounding of the result
 
 
-@pytest.mark.parametrize("kw", [{}, {"num_heads": 4, "num_kv_heads": 2, "use_short_conv": True, "conv_size": 3}])
-def test_cached_steps_take_the_decoding_kernel(monkeypatch, kw):
+def abc_layer() -> torch.nn.Module:
+    from flash_gsa.layers import ABCAttention
+
+    torch.manual_seed(0)
+    return ABCAttention(D, num_heads=2, num_slots=8, layer_idx=0)
+
+
+DECODE_LAYERS = {
+    "gsa": lambda: gsa_layer(),
+    "gsa_gqa_conv": lambda: gsa_layer(num_heads=4, num_kv_heads=2, use_short_conv=True, conv_size=3),
+    "abc": abc_layer,
+}
+
+
+@pytest.mark.parametrize("name", DECODE_LAYERS)
+def test_cached_steps_take_the_decoding_kernel(monkeypatch, name):
     """With a cache and no gradients, a few new tokens go through the Triton decoding kernel (forced on the CPU here,
     through Triton's interpreter), which updates the cached state in place. float32 throughout: the kernel and the
     chunk backend compute in fp32 from the same values, so steps agree with the full forward to ~1e-6 (allowed 1e-4),
@@ -366,7 +380,7 @@ def test_cached_steps_take_the_decoding_kernel(monkeypatch, kw):
     real = decode.fused_recurrent_gsa
     monkeypatch.setattr(decode, "fused_recurrent_gsa", lambda *a, **k: calls.append(k) or real(*a, **k))
     monkeypatch.setattr(gsa_module, "_decode_kernel_device", lambda x: True)
-    layer = gsa_layer(**kw).float()
+    layer = DECODE_LAYERS[name]().float()
     x = randn(2, 9, D).float()
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :2] = 0  # left padding, as generate() makes it
