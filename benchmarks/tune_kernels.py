@@ -1,0 +1,137 @@
+"""Variants of the triton backend's tunables (flash_gsa/ops/triton/config.py) on a CUDA GPU: fwd+bwd time per
+variant and hidden size, the per-kernel GPU time of each, and each variant's agreement with the default.
+
+    python benchmarks/tune_kernels.py [--variants default,output_stages2,...] [--seq-len 2048] [--out DIR]
+    TRITON_INTERPRET=1 python benchmarks/tune_kernels.py --quick     # tiny shapes on the CPU: checks the script only
+
+The op benchmark's shapes (bf16, 32K tokens per call, H = 4, M = 64; hidden 1024: K = V = 256, hidden 2048: K = V =
+512). A variant sets attributes of `config` in this process; the kernels read them at launch, so each variant
+compiles its own kernels (seconds per shape). Writes `tune_kernels.json` into --out (default: $OUT, else .) and
+prints one line per variant and shape. Nothing here changes the defaults: adopt a variant by editing config.py, then
+run the tests and `benchmarks/run_gpu_checks.sh`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from flash_gsa import gsa
+from flash_gsa.bench.record import stamp
+from flash_gsa.ops.triton import config
+
+VARIANTS = {
+    "default": {},
+    # software pipelining of the K / V tile loops of the output kernel (1 by default)
+    "output_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "output": 2}),
+    "bwd_stages3": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 3, "bwd_kv": 3, "bwd_gate": 3}),
+    # wider K / V tiles: half the loop trips at K = V = 512, larger tensor-core products
+    "tiles128": dict(BLOCK_K=128, BLOCK_V=128),
+    # narrower tiles: fewer live registers per trip
+    "tiles32": dict(BLOCK_K=32, BLOCK_V=32),
+    # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
+    "lowp": dict(LOWP_FORWARD=True, LOWP_BACKWARD=True),
+    # 32-token chunks at M = 64: [C, C] and [C, M] tiles of half the size (the heavy kernels are register-bound at
+    # 64: 255 registers and spills), twice the chunks (states, scan steps)
+    "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
+    # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
+    "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_gate": 8}),
+}
+TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "BLOCK_K", "BLOCK_V", "LOWP_FORWARD", "LOWP_BACKWARD")
+
+
+SHAPES = {"h1024": 256, "h2048": 512}  # K = V per head, at H = 4, M = 64
+QUICK_SHAPES = {"tiny": 32}
+
+
+def inputs(K: int, T: int, tokens: int, device: str, seed: int = 0):
+    B, H, M = tokens // T, 4, 64
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (F.silu(torch.randn(B, T, H, K, device=device, generator=gen)).bfloat16() for _ in range(3))
+    g = F.logsigmoid(torch.randn(B, T, H, M, device=device, generator=gen)) / 8
+    do = torch.randn(B, T, H, K, device=device, generator=gen).bfloat16()
+    return [q, k, v, g.bfloat16(), (-torch.expm1(g)).bfloat16()], do
+
+
+def fwd_bwd(xs, do):
+    xs = [x.detach().requires_grad_() for x in xs]
+    o, _ = gsa(*xs, scale=1.0, backend="triton")
+    o.backward(do)
+    return [o.detach()] + [x.grad for x in xs]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def kernel_times(step, n: int = 5) -> list[tuple[str, float]]:
+    """Per-kernel GPU ms per call, largest first (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / n / 1e3) for e in p.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main() -> None:
+    import triton
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--quick", action="store_true", help="tiny shapes; runs on the CPU under TRITON_INTERPRET=1")
+    a = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes, tokens, T = (QUICK_SHAPES, 128, 64) if a.quick else (SHAPES, 32768, a.seq_len)
+    base = {name: getattr(config, name) for name in TUNABLES}
+    results = {"stamp": stamp(), "seq_len": T, "tokens": tokens, "variants": {}}
+    reference = {}
+    for name in a.variants.split(","):
+        for key, value in {**base, **VARIANTS[name]}.items():
+            setattr(config, key, value)
+        for shape, K in shapes.items():
+            xs, do = inputs(K, T, tokens, device)
+            row = dict(overrides={k: str(v) for k, v in VARIANTS[name].items()}, K=K, V=K)
+            try:
+                t0 = time.perf_counter()
+                out = fwd_bwd(xs, do)
+                sync(device)
+                row["first_call_s"] = time.perf_counter() - t0
+                ref = reference.setdefault(shape, out)  # the first variant run is the reference (default first)
+                row["max_rel_diff_vs_first"] = max(
+                    ((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(out, ref, strict=True)
+                )
+                if device == "cuda":
+                    step = functools.partial(fwd_bwd, xs, do)
+                    row["ms"] = triton.testing.do_bench(step, warmup=25, rep=200)
+                    row["kernels_ms"] = kernel_times(step)[:10]
+                else:  # the interpreter: a check of the script, not a timing
+                    row["ms"], row["kernels_ms"] = 1e3 * (time.perf_counter() - t0), []
+            except Exception as e:  # a variant that does not compile or launch is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            results["variants"][f"{name}/{shape}"] = row
+            print(f"{name:15s} {shape}: " + (row.get("error") or
+                  f"{row['ms']:.3f} ms fwd+bwd, first call {row['first_call_s']:.1f} s, "
+                  f"diff {row['max_rel_diff_vs_first']:.1e}; " +
+                  ", ".join(f"{k.removesuffix('_kernel')} {t:.3f}" for k, t in row["kernels_ms"][:6])), flush=True)
+    for key, value in base.items():
+        setattr(config, key, value)
+    path = os.path.join(a.out, "tune_kernels.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
