@@ -7,8 +7,9 @@
 # 1. the CUDA-relevant test files, compiled for the GPU (pytest-xdist, WORKERS processes; the slow CPU-process tests
 #    and the fla comparison, which autotunes for minutes, are left out; run the latter alone with
 #    `pytest tests/test_triton_chunk.py -k fla -s`);
-# 2. the kernel tests once more under compute-sanitizer's memcheck (-x: the first bad access names kernel and line).
-# Writes gpu_tests.log and memcheck.log to $OUT (default: benchmarks/results/gpu_checks) and prints a summary.
+# 2. the kernel tests once more under compute-sanitizer's memcheck (-x: the first bad access names kernel and line);
+# 3. with two GPUs or more, the tests that put tensors on a GPU that is not the current one (both GPUs visible).
+# Writes gpu_tests.log, memcheck.log (and multi_gpu.log) to $OUT (default: benchmarks/results/gpu_checks) and prints a summary.
 # With two GPUs the two steps run side by side, one GPU each. Exit status: non-zero if either step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,9 +38,17 @@ else
 fi
 wait "$tests"
 tests_status=$?
+multi=0
+if [ "$gpus" -gt 1 ]; then
+    $PY -m pytest -p no:cacheprovider -p no:xdist -rfE -k "not_current" tests/test_triton_chunk.py \
+        tests/test_triton_decode.py > "$OUT/multi_gpu.log" 2>&1
+    multi=$?
+    echo "== two GPUs (exit $multi): $OUT/multi_gpu.log"
+    grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/multi_gpu.log" | cut -c1-240
+fi
 
 echo "== tests on the GPU (exit $tests_status): $OUT/gpu_tests.log"
 grep -E "^(FAILED|ERROR)|relative errors of|[0-9]+ (passed|failed)" "$OUT/gpu_tests.log" | cut -c1-240
 echo "== memcheck (exit $memcheck): $OUT/memcheck.log"
 grep -E "Invalid|^=========     at |ERROR SUMMARY|[0-9]+ (passed|failed)" "$OUT/memcheck.log" | head -n 12
-[ "$tests_status" -eq 0 ] && [ "$memcheck" -eq 0 ]
+[ "$tests_status" -eq 0 ] && [ "$memcheck" -eq 0 ] && [ "$multi" -eq 0 ]
