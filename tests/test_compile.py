@@ -104,6 +104,22 @@ def test_layer_fullgraph_inductor(seed):
     assert_same(eager, compiled, seed, rtol=1e-4, atol=1e-5)
 
 
+def test_model_with_loss_fullgraph(seed):
+    """The whole causal LM with its loss (RMSNorm, SwiGLU and the chunked cross-entropy are autograd Functions with
+    their own backward): one graph, the same loss and parameter gradients as eager (float32: assert_close defaults)."""
+    from flash_gsa import GSAConfig, GSAForCausalLM
+
+    model = GSAForCausalLM(GSAConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, num_slots=8,
+                                     intermediate_size=48))
+    ids = torch.randint(0, 64, (2, 24))
+
+    def run(module):
+        loss = module(ids, labels=ids).loss
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+    assert_same(run(model), run(torch.compile(model, fullgraph=True, backend="aot_eager")), seed)
+
+
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_triton_fullgraph(device, seed, varlen):
     """The triton backend compiles without graph breaks and matches eager (on the CPU: the interpreter)."""
