@@ -8,9 +8,9 @@ from torch import nn
 
 
 class _SiLUMul(torch.autograd.Function):
-    """SiLU(gate) * up. Keeps gate and up for the backward, which recomputes SiLU in float32 (autograd through the
-    plain formula would also keep SiLU(gate): one more [tokens, intermediate] tensor per layer). The backward
-    computes in at least float32."""
+    """SiLU(gate) * up. Keeps gate and up for the backward, which recomputes SiLU(gate) (autograd through the plain
+    formula would also keep it: one more [tokens, intermediate] tensor per layer). The backward takes the same ops,
+    in the same dtype, as autograd's (aten's fused silu_backward), so its gradients and cost are autograd's."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -20,12 +20,7 @@ class _SiLUMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d: torch.Tensor):
         gate, up = ctx.saved_tensors
-        dt = torch.promote_types(gate.dtype, torch.float32)
-        g, d = gate.to(dt), d.to(dt)
-        sig = torch.sigmoid(g)
-        d_up = d * (g * sig)
-        d_gate = d * up.to(dt) * sig * (1 + g * (1 - sig))
-        return d_gate.to(gate.dtype), d_up.to(up.dtype)
+        return torch.ops.aten.silu_backward(d * up, gate), d * F.silu(gate)
 
 
 class SwiGLU(nn.Module):
