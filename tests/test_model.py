@@ -350,19 +350,31 @@ def test_forward_errors(kwargs, match):
         make(dtype=torch.float32)(**kwargs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_chunked_loss_matches_cross_entropy(monkeypatch, dtype):
-    """The loss runs over row chunks (here 3 rows each, forced small) and keeps no float32 copy of the logits: its
-    value and gradient must be F.cross_entropy's on the same logits, with ignored targets, packed documents and an
-    explicit divisor. float64: agreement to rounding (1e-9). bf16 logits: both compute in float32 from the same values;
-    the gradients are rounded to bf16 (2^-8 relative) by both, allow 2 ulps."""
+@pytest.mark.parametrize("path, dtype", [("torch", torch.float64), ("torch", torch.bfloat16),
+                                         ("triton", torch.float32), ("triton", torch.bfloat16)])
+def test_loss_matches_cross_entropy(monkeypatch, path, dtype):
+    """The loss keeps no float32 copy of the logits: PyTorch over row chunks (here 3 rows each, forced small), or
+    the Triton kernels (on CUDA, or forced on the CPU through the interpreter; vocabulary blocks of 4 so that a row
+    takes two, the second masked). Value and gradient must be F.cross_entropy's on the same logits, with ignored
+    targets, packed documents and an explicit divisor. float64: agreement to rounding (1e-9); float32 kernels: fp32
+    sums in another order (1e-6 relative). bf16 logits: both compute in float32 from the same values and round the
+    gradient to bf16 (2^-8 relative): allow 2 ulps."""
     import flash_gsa.models.loss as loss_module
+    import flash_gsa.ops.triton.cross_entropy as kernels
+    from flash_gsa.ops.triton import config as triton_config
 
+    calls = []
+    real = kernels.cross_entropy_forward
+    monkeypatch.setattr(kernels, "cross_entropy_forward", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * 7)
-    logits = torch.randn(2, 5, 7, dtype=torch.float64).to(dtype)
-    labels = torch.randint(0, 7, (2, 5))
+    device = "cuda" if path == "triton" and torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setattr(loss_module, "_kernel_device", lambda x: path == "triton")
+    monkeypatch.setattr(triton_config, "CE_BLOCK", 4)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64).to(device, dtype)
+    labels = torch.randint(0, 7, (2, 5), device=device)
     labels[0, 2] = -100
-    cu = torch.tensor([0, 2, 5])
+    cu = torch.tensor([0, 2, 5], device=device)
     for cu_seqlens, items in ((None, None), (cu, None), (None, 11)):
         a, b = (logits.detach().clone().requires_grad_() for _ in range(2))
         got = loss_module.causal_lm_loss(a, labels, cu_seqlens, items)
@@ -375,7 +387,17 @@ def test_chunked_loss_matches_cross_entropy(monkeypatch, dtype):
         ga, gb = torch.autograd.grad(got, a)[0], torch.autograd.grad(want, b)[0]
         assert got.dtype == torch.float64 if dtype == torch.float64 else got.dtype == torch.float32
         assert ga.dtype == dtype
-        tol = TOL if dtype == torch.float64 else dict(rtol=2**-7, atol=2**-7 * gb.abs().max().item())
-        torch.testing.assert_close(got.double(), want, **(TOL if dtype == torch.float64 else dict(rtol=1e-6,
-                                                                                             atol=1e-6)))
-        torch.testing.assert_close(ga.double(), gb.double(), **tol)
+        if dtype == torch.float64:
+            value_tol = grad_tol = TOL
+        else:
+            value_tol = dict(rtol=1e-6, atol=1e-6)
+            grad_tol = (dict(rtol=1e-6, atol=1e-6 * gb.abs().max().item()) if dtype == torch.float32
+                        else dict(rtol=2**-7, atol=2**-7 * gb.abs().max().item()))
+        torch.testing.assert_close(got.double(), want, **value_tol)
+        torch.testing.assert_close(ga.double(), gb.double(), **grad_tol)
+        assert ga.device == a.device
+    assert bool(calls) == (path == "triton")
+    if path == "triton":  # a target outside the vocabulary: NaN, not a read out of bounds
+        bad = labels.clone()
+        bad[1, 3] = 7
+        assert torch.isnan(loss_module.causal_lm_loss(logits, bad))

@@ -1,22 +1,50 @@
-"""The causal LM loss: next-token cross-entropy over logits, computed in row chunks so that no float32 copy of the
-[tokens, vocabulary] logits is kept for the backward or made whole in it."""
+"""The causal LM loss: next-token cross-entropy over logits that keeps no float32 copy of the [tokens, vocabulary]
+logits for the backward and makes none whole in it. On CUDA one Triton pass over the logits forward and one backward
+(`flash_gsa.ops.triton.cross_entropy`); elsewhere PyTorch over chunks of rows."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 25  # float32 elements of one chunk of rows (128 MiB): the most the loss adds to the logits
+CHUNK_ELEMENTS = 1 << 25  # float32 elements of one chunk of rows (128 MiB): the most the PyTorch path adds
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_device(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels compute the loss of x: on CUDA (tests also run them on the CPU, through Triton's
+    interpreter)."""
+    return x.is_cuda
+
+
+def _takes_kernel(x: torch.Tensor) -> bool:
+    """The kernels run eagerly only: under torch.compile the PyTorch path is traced (and fused by inductor)."""
+    if x.dtype not in _KERNEL_DTYPES or not x.is_contiguous() or torch.compiler.is_compiling():
+        return False
+    if not _kernel_device(x):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class _CrossEntropy(torch.autograd.Function):
     """sum over rows with a target of (logsumexp(x_i) - x_i[target_i]), divided by `divisor`; rows whose target is
     -100 count for nothing. x [N, V] in any float dtype, computed in at least float32. Keeps x (which the caller holds
-    anyway), the targets and the per-row logsumexp; the backward recomputes the softmax chunk by chunk and writes the
-    gradient in x's dtype."""
+    anyway), the targets and the per-row logsumexp; the backward recomputes the softmax (per row in the Triton
+    kernel, else chunk by chunk of rows) and writes the gradient in x's dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+        ctx.kernel = _takes_kernel(x)
+        if ctx.kernel:
+            from ..ops.triton.cross_entropy import cross_entropy_forward
+
+            losses, lse = cross_entropy_forward(x, targets)
+            ctx.save_for_backward(x, targets, lse, divisor)
+            return losses.sum() / divisor
         dt = torch.promote_types(x.dtype, torch.float32)
         rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
         valid = targets != -100
@@ -34,6 +62,11 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_loss: torch.Tensor):
+        if ctx.kernel:
+            from ..ops.triton.cross_entropy import cross_entropy_backward
+
+            x, targets, lse, divisor = ctx.saved_tensors
+            return cross_entropy_backward(x, targets, lse, (d_loss / divisor).float().reshape(1)), None, None
         x, safe, valid, lse, divisor = ctx.saved_tensors
         scale = (d_loss / divisor).to(lse.dtype)
         dx = torch.empty_like(x)

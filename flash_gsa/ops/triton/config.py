@@ -32,6 +32,10 @@ DECODE_PRODUCT = 8192  # fp32 elements of one tile's [query heads, K or V tile, 
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 1
 
+# Cross-entropy of the LM loss (cross_entropy.py): one program per row walks the vocabulary in blocks.
+CE_BLOCK = 4096  # vocabulary entries per block (16 per thread at 8 warps)
+CE_NUM_WARPS = 8
+
 
 def chunk_size(M: int) -> int:
     """Tokens per chunk for M slots (a power of two from 16 to 256). M may be a symbolic size (a fake implementation
