@@ -1,4 +1,5 @@
-"""Every kernel of the triton backend (training and decoding) can launch on an H100 at the largest supported sizes.
+"""Every kernel of the triton backend (training, decoding, the LM loss) can launch on an H100 at the largest
+supported sizes.
 
 The kernels are compiled for sm_90 on this (GPU-less) machine by `gsa bench resources` (Triton and its bundled ptxas
 need no device), in a subprocess because the test session runs Triton in interpreter mode. A kernel whose shared
@@ -37,6 +38,7 @@ def test_largest_shapes_fit_h100_shared_memory(tmp_path):
         K, V, M = (int(x) for x in shape.split(","))
         found = {r["kernel"] for r in records if (r["K"], r["V"], r["M"]) == (K, V, M)}
         assert found == kernels, f"{shape}: compiled {sorted(found)}"
+    assert {"cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel"} <= {r["kernel"] for r in records}
     too_big = [(r["kernel"], r["K"], r["V"], r["M"], r["shared_bytes"]) for r in records if r["shared_bytes"] > 232448]
     assert not too_big, f"shared memory above the H100 limit: {too_big}"
     assert all(r["registers"] > 0 for r in records), "ptxas reported no register counts"

@@ -1,5 +1,5 @@
-"""`gsa bench resources`: compile the Triton kernels (training and decoding) for an NVIDIA GPU on any machine, no GPU
-needed, and report what each needs: shared memory, registers per thread and local-memory stack (register spills).
+"""`gsa bench resources`: compile the Triton kernels (training, decoding, LM loss) for an NVIDIA GPU on any machine, no
+GPU needed, and report what each needs: shared memory, registers per thread and local-memory stack (register spills).
 
 Triton lowers a kernel to PTX and runs ptxas without touching a device, so the launch code of the triton backend is
 run on CPU tensors with two things swapped in: a stand-in driver that names the target (sm_90, the H100, by default)
@@ -156,6 +156,18 @@ def decode_kernel_resources(
     return [_record(name, kernel, K, V, M, arch) for name, _, kernel in compiled]
 
 
+def loss_kernel_resources(vocab: int = 32000, *, dtype: torch.dtype = torch.bfloat16, arch: int = 90):
+    """Compile the LM loss's cross-entropy kernels (forward and backward) for a vocabulary size; one record each
+    (K, V, M are 0: they do not apply)."""
+    from ..ops.triton.cross_entropy import cross_entropy_backward, cross_entropy_forward
+
+    x, targets = torch.randn(2, vocab, dtype=dtype), torch.zeros(2, dtype=torch.long)
+    with offline_compilation(arch) as compiled:
+        _, lse = cross_entropy_forward(x, targets)
+        cross_entropy_backward(x, targets, lse, torch.ones(1))
+    return [_record(name, kernel, 0, 0, 0, arch) for name, _, kernel in compiled]
+
+
 def _record(name: str, kernel, K: int, V: int, M: int, arch: int) -> KernelResources:
     md = kernel.metadata
     return KernelResources(
@@ -194,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     for K, V, M in args.shape or DEFAULT_SHAPES:
         records += training_kernel_resources(K, V, M, arch=args.arch) + decode_kernel_resources(K, V, M, arch=args.arch)
+    records += loss_kernel_resources(arch=args.arch)
     print(format_table(records))
     if args.json:
         payload = {"stamp": stamp(), "target": f"sm_{args.arch}", "shared_limit": SHARED_LIMIT.get(args.arch),
