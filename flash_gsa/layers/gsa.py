@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import gsa
+from ..ops import available_backends, gsa
 from .mixer import TokenMixer, check_heads, xavier_init_
 from .norm import RMSNorm
 
@@ -22,9 +22,9 @@ _DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _decode_kernel_device(x: torch.Tensor) -> bool:
-    """Whether the Triton decoding kernel runs where x is: on CUDA (tests also run it on the CPU, through Triton's
-    interpreter)."""
-    return x.is_cuda
+    """Whether the Triton decoding kernel runs where x is: where the triton backend does (CUDA, Triton installed;
+    tests also run it on the CPU, through Triton's interpreter)."""
+    return "triton" in available_backends(x.device)
 
 
 class GatedSlotAttention(TokenMixer):

@@ -7,27 +7,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops import available_backends
+
 CHUNK_ELEMENTS = 1 << 25  # float32 elements of one chunk of rows (128 MiB): the most the PyTorch path adds
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _kernel_device(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels compute the loss of x: on CUDA (tests also run them on the CPU, through Triton's
-    interpreter)."""
-    return x.is_cuda
+    """Whether the Triton kernels compute the loss of x: where the triton backend runs (CUDA, Triton installed; tests
+    also run them on the CPU, through Triton's interpreter)."""
+    return "triton" in available_backends(x.device)
 
 
 def _takes_kernel(x: torch.Tensor) -> bool:
     """The kernels run eagerly only: under torch.compile the PyTorch path is traced (and fused by inductor)."""
-    if x.dtype not in _KERNEL_DTYPES or not x.is_contiguous() or torch.compiler.is_compiling():
-        return False
-    if not _kernel_device(x):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return (
+        x.dtype in _KERNEL_DTYPES and x.is_contiguous() and not torch.compiler.is_compiling() and _kernel_device(x)
+    )
 
 
 class _CrossEntropy(torch.autograd.Function):
