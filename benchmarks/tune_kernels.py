@@ -1,7 +1,7 @@
 """Variants of the triton backend's tunables (flash_gsa/ops/triton/config.py) on a CUDA GPU: fwd+bwd time per
 variant and hidden size, the per-kernel GPU time of each, and each variant's agreement with the default.
 
-    python benchmarks/tune_kernels.py [--variants default,output_stages2,...] [--seq-len 2048] [--out DIR]
+    python benchmarks/tune_kernels.py [--variants default,tiles64,...] [--seq-len 2048] [--out DIR]
     TRITON_INTERPRET=1 python benchmarks/tune_kernels.py --quick     # tiny shapes on the CPU: checks the script only
 
 The op benchmark's shapes (bf16, 32K tokens per call, H = 4, M = 64; hidden 1024: K = V = 256, hidden 2048: K = V =
@@ -28,11 +28,14 @@ from flash_gsa.ops.triton import config
 
 VARIANTS = {
     "default": {},
-    # software pipelining of the K / V tile loops of the output kernel (1 by default)
-    "output_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "output": 2}),
-    "bwd_stages3": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 3, "bwd_kv": 3, "bwd_gate": 3}),
-    # wider K / V tiles: half the loop trips at K = V = 512, larger tensor-core products
-    "tiles128": dict(BLOCK_K=128, BLOCK_V=128),
+    # software pipelining of the K / V tile loops: one stage fewer than the defaults
+    "output_stages1": dict(NUM_STAGES={**config.NUM_STAGES, "output": 1}),
+    "bwd_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}),
+    # the tiles before the defaults became 128 wide: twice the loop trips at K = V = 512, smaller products
+    "tiles64": dict(BLOCK_K=64, BLOCK_V=64),
+    # tiles64 and one stage fewer everywhere: the defaults before the H200 sweep (results/tune_kernels_*.json)
+    "before_sweep": dict(BLOCK_K=64, BLOCK_V=64,
+                         NUM_STAGES={**config.NUM_STAGES, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}),
     # narrower tiles: fewer live registers per trip
     "tiles32": dict(BLOCK_K=32, BLOCK_V=32),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
