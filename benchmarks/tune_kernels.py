@@ -31,13 +31,14 @@ VARIANTS = {
     # software pipelining of the K / V tile loops: one stage fewer than the defaults
     "output_stages1": dict(NUM_STAGES={**config.NUM_STAGES, "output": 1}),
     "bwd_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}),
-    # the tiles before the defaults became 128 wide: twice the loop trips at K = V = 512, smaller products
-    "tiles64": dict(BLOCK_K=64, BLOCK_V=64),
-    # tiles64 and one stage fewer everywhere: the defaults before the H200 sweep (results/tune_kernels_*.json)
-    "before_sweep": dict(BLOCK_K=64, BLOCK_V=64,
+    # one tile width for every kernel: 64 (twice the loop trips at K = V = 512, smaller products) or 128
+    "tiles64": dict(TILE=dict.fromkeys(config.TILE, 64)),
+    "tiles128": dict(TILE=dict.fromkeys(config.TILE, 128)),
+    # 64-wide tiles and one stage fewer everywhere: the defaults before the H200 sweep (results/tune_kernels_*.json)
+    "before_sweep": dict(TILE=dict.fromkeys(config.TILE, 64),
                          NUM_STAGES={**config.NUM_STAGES, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}),
     # narrower tiles: fewer live registers per trip
-    "tiles32": dict(BLOCK_K=32, BLOCK_V=32),
+    "tiles32": dict(TILE=dict.fromkeys(config.TILE, 32)),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
     "lowp": dict(LOWP_FORWARD=True, LOWP_BACKWARD=True),
     # 32-token chunks at M = 64: [C, C] and [C, M] tiles of half the size (the heavy kernels are register-bound at
@@ -46,7 +47,7 @@ VARIANTS = {
     # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
     "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_gate": 8}),
 }
-TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "BLOCK_K", "BLOCK_V", "LOWP_FORWARD", "LOWP_BACKWARD")
+TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD")
 
 
 SHAPES = {"h1024": 256, "h2048": 512}  # K = V per head, at H = 4, M = 64

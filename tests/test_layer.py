@@ -322,7 +322,7 @@ def test_rmsnorm_and_swiglu_backwards_are_exact():
 
     x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5, x.dtype), (x, w))
     gate, up = (torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(_SiLUMul.apply, (gate, up))
 
@@ -351,6 +351,46 @@ def test_rmsnorm_keeps_the_input_dtype_and_computes_in_float32():
     out = norm(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=2**-8)  # one bf16 rounding of the result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_rmsnorm_kernels_match_the_formula(monkeypatch, dtype, autocast):
+    """The Triton RMSNorm (on CUDA, or forced on the CPU through the interpreter) against the formula in float64 on
+    the same values: output, dx and dw, outputs poisoned with NaN first. 11 rows of 12 in blocks of 4 rows (the last
+    one short), a 16-wide block masked past 12, 2 backward programs that take 2 blocks each. Under autocast (bf16) the
+    output is bf16, else x's dtype. float32 results: fp32 sums in another order (1e-5); bf16 results: one rounding of
+    a value computed in fp32 (2^-8 relative, 2 ulps allowed)."""
+    import flash_gsa.layers.norm as norm_module
+    import flash_gsa.ops.triton.rms_norm as kernels
+    from flash_gsa.ops.triton import config as triton_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setattr(norm_module, "_kernel_device", lambda x: True)
+    monkeypatch.setattr(triton_config, "NORM_BLOCK", 64)
+    monkeypatch.setattr(triton_config, "NORM_BWD_PROGRAMS", 2)
+    monkeypatch.setattr(kernels, "empty", lambda *shape, **kw: torch.full(shape, float("nan"), **kw))
+    calls = []
+    real = kernels.rms_norm_forward
+    monkeypatch.setattr(kernels, "rms_norm_forward", lambda *a: calls.append(1) or real(*a))
+
+    norm = RMSNorm(12).to(device)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(11, 12, device=device).to(dtype).requires_grad_()
+    dy = torch.randn(11, 12, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        y = norm(x)
+    dx, dw = torch.autograd.grad(y, [x, norm.weight], dy.to(y.dtype))
+    assert calls and y.dtype == (torch.bfloat16 if autocast else dtype) and dx.dtype == dtype
+
+    xd, wd = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    want = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm.eps) * wd
+    dx_want, dw_want = torch.autograd.grad(want, [xd, wd], dy.to(y.dtype).double())
+    for got, ref, out_dtype in ((y, want, y.dtype), (dx, dx_want, dtype), (dw, dw_want, torch.float32)):
+        tol = 1e-5 if out_dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
 def abc_layer() -> torch.nn.Module:

@@ -5,33 +5,76 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import available_backends
+
+
+def _kernel_device(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels normalize x: where the triton backend runs (CUDA, Triton installed; tests also run
+    them on the CPU, through Triton's interpreter)."""
+    return "triton" in available_backends(x.device)
+
+
+def _takes_kernel(x: torch.Tensor) -> bool:
+    """The kernels run eagerly only: under torch.compile the PyTorch path is traced (and fused by inductor)."""
+    from ..ops.triton.config import NORM_MAX_D
+
+    return (
+        x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and 0 < x.shape[-1] <= NORM_MAX_D
+        and not torch.compiler.is_compiling()
+        and _kernel_device(x)
+    )
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype, or the autocast dtype where autocast is on: every consumer of the model's norms is a linear layer,
+    which would cast to it anyway, so the cast happens here, once (not once per consumer, each with its backward)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
 
 class _RMSNormFunction(torch.autograd.Function):
     """y = x * rsqrt(mean(x^2) + eps) * weight over the last dimension, computed in at least float32 and returned in
-    x's dtype. Keeps only x and the per-row rsqrt for the backward (autograd through the plain formula would also keep
-    the float32 normalized rows: twice the memory for a float32 residual stream); the backward recomputes them."""
+    `out_dtype`. Keeps only x and the per-row rsqrt for the backward (autograd through the plain formula would also
+    keep the float32 normalized rows); the backward recomputes them. On CUDA one Triton pass each way
+    (`flash_gsa.ops.triton.rms_norm`), elsewhere PyTorch."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.kernel = _takes_kernel(x)
+        if ctx.kernel:
+            from ..ops.triton.rms_norm import rms_norm_forward
+
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            y, rstd = rms_norm_forward(rows, weight, eps, out_dtype)
+            ctx.save_for_backward(rows, weight, rstd)
+            return y.view(x.shape)
         dt = torch.promote_types(x.dtype, torch.float32)
         xf = x.to(dt)
         rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * weight.to(dt)).to(x.dtype)
+        return (xf * rstd * weight.to(dt)).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.kernel:
+            from ..ops.triton.rms_norm import rms_norm_backward
+
+            dx, dw = rms_norm_backward(x, weight, rstd, dy.reshape(x.shape).contiguous(), ctx.needs_input_grad[1])
+            return dx.view(dy.shape), None if dw is None else dw.to(weight.dtype), None, None
         dt = rstd.dtype
         xhat = x.to(dt) * rstd
         dyw = dy.to(dt) * weight.to(dt)
         dx = rstd * (dyw - xhat * (dyw * xhat).mean(dim=-1, keepdim=True))
         dw = (dy.to(dt) * xhat).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None
+        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None, None
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension with a learned scale (no bias), computed in at least float32."""
+    """Root-mean-square norm over the last dimension with a learned scale (no bias), computed in at least float32.
+    Returns x's dtype, or the autocast dtype under autocast (the cast its linear consumers would make)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -43,7 +86,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, _output_dtype(x))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

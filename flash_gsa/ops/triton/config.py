@@ -8,8 +8,9 @@ SUB = 64  # sub-chunk inside a chunk: pairs within one are taken exactly, across
 # chunk: the fast path then takes one matrix product per intra-chunk form (four at 16), the exact path one pass per
 # diagonal (64); only chunks that decay by more than FAST_DECAY_LIMIT take the latter.
 FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
-BLOCK_K = 128  # tile of the key dimension K in matrix products (64: fwd+bwd 4-11% slower on an H200, tune_kernels)
-BLOCK_V = 128  # tile of the value dimension V
+TILE = {"local": 64, "output": 128, "bwd_query": 64, "bwd_kv": 128, "bwd_gate": 64}  # width of the K and V tiles
+# each kernel's matrix products take (capped at K or V). From the H200 sweep (benchmarks/tune_kernels.py, K = V = 256
+# and 512): 128 made output and bwd_kv 6-28% faster, bwd_query and bwd_gate 2-19% slower (more spills); local: a tie.
 MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 tiles, chunk_local as compiled by Triton
 # 3.6 for an H200 reads invalid shared memory in its tensor-core product (compute-sanitizer), then faults
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
@@ -35,6 +36,12 @@ DECODE_NUM_STAGES = 1
 # Cross-entropy of the LM loss (cross_entropy.py): one program per row walks the vocabulary in blocks.
 CE_BLOCK = 4096  # vocabulary entries per block (16 per thread at 8 warps)
 CE_NUM_WARPS = 8
+
+# RMSNorm (rms_norm.py): a program takes whole rows, NORM_BLOCK values at a time (4 rows of 1024).
+NORM_BLOCK = 4096
+NORM_MAX_D = 8192  # widest row the kernels take (one row per program there); wider rows take the PyTorch path
+NORM_NUM_WARPS = 4
+NORM_BWD_PROGRAMS = 528  # backward programs (4 per SM of an H100/H200), each summing its rows' share of dw
 
 
 def chunk_size(M: int) -> int:

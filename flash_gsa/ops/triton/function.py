@@ -77,9 +77,22 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def _name(kernel) -> str:
+    """The kernel's key in config's tables: chunk_local_kernel -> "local", bwd_kv_kernel -> "bwd_kv"."""
+    return kernel.fn.__name__.removesuffix("_kernel").removeprefix("chunk_")
+
+
+def _tile(D: int, kernel) -> int:
+    """Width of the tiles of a K or V dimension of size D in `kernel`'s products (config.TILE, capped at D)."""
+    return min(config.TILE[_name(kernel)], max(config.MIN_TILE, config.next_power_of_2(D)))
+
+
 def _launch(kernel, grid, *args, **sizes) -> None:
-    """Launches `kernel` with the sizes among `sizes` that it takes, and its warps and stages from `config`."""
-    name = kernel.fn.__name__.removesuffix("_kernel").removeprefix("chunk_")
+    """Launches `kernel` with the sizes among `sizes` that it takes, its K / V tile widths (BK, BV), and its warps and
+    stages from `config`."""
+    name = _name(kernel)
+    if "BK" in kernel.arg_names:
+        sizes = dict(sizes, BK=_tile(sizes["K"], kernel), BV=_tile(sizes["V"], kernel))
     options = dict(num_warps=config.NUM_WARPS[name], num_stages=config.NUM_STAGES[name])
     kernel[grid](*args, **{k: v for k, v in sizes.items() if k in kernel.arg_names}, **options)
 
@@ -95,8 +108,6 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
         M=M,
         C=layout.chunk,
         SUB=min(config.SUB, layout.chunk),
-        BK=min(config.BLOCK_K, max(config.MIN_TILE, config.next_power_of_2(K))),
-        BV=min(config.BLOCK_V, max(config.MIN_TILE, config.next_power_of_2(V))),
         LOWP=lowp and q.dtype != torch.float32,
     )
 
@@ -157,7 +168,7 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     d_init = _scan(Y, D, b_last, d_final, layout, H, G, reverse=True)
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
-    n_tiles = config.cdiv(K, sizes["BK"]) + config.cdiv(V, sizes["BV"])
+    n_tiles = config.cdiv(K, _tile(K, bwd_kv_kernel)) + config.cdiv(V, _tile(V, bwd_kv_kernel))
     _launch(bwd_kv_kernel, (NC, H, n_tiles), q, s, b, b_last, D, do, W, Wd, dk, dv, *tables, **sizes)
     dg = empty(T, H, M, device=dev, dtype=f32)
     _launch(bwd_gate_kernel, (NC, H), q, k, v, s, b, b_last, states, final, D, do, p, dzs, pz, ds, dg, *tables,
