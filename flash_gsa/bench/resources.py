@@ -1,5 +1,6 @@
-"""`gsa bench resources`: compile the Triton kernels (training, decoding, LM loss) for an NVIDIA GPU on any machine, no
-GPU needed, and report what each needs: shared memory, registers per thread and local-memory stack (register spills).
+"""`gsa bench resources`: compile the Triton kernels (training, decoding, LM loss, RMSNorm) for an NVIDIA GPU on any
+machine, no GPU needed, and report what each needs: shared memory, registers per thread and local-memory stack
+(register spills).
 
 Triton lowers a kernel to PTX and runs ptxas without touching a device, so the launch code of the triton backend is
 run on CPU tensors with two things swapped in: a stand-in driver that names the target (sm_90, the H100, by default)
@@ -156,15 +157,20 @@ def decode_kernel_resources(
     return [_record(name, kernel, K, V, M, arch) for name, _, kernel in compiled]
 
 
-def loss_kernel_resources(vocab: int = 32000, *, dtype: torch.dtype = torch.bfloat16, arch: int = 90):
-    """Compile the LM loss's cross-entropy kernels (forward and backward) for a vocabulary size; one record each
-    (K, V, M are 0: they do not apply)."""
+def model_kernel_resources(vocab: int = 32000, hidden: int = 1024, *, arch: int = 90) -> list[KernelResources]:
+    """Compile the model's other kernels: the LM loss's cross-entropy (bf16 logits of `vocab` entries) and RMSNorm
+    (fp32 rows of `hidden`, bf16 output, as under autocast), forward and backward; one record each (K, V, M are 0:
+    they do not apply)."""
     from ..ops.triton.cross_entropy import cross_entropy_backward, cross_entropy_forward
+    from ..ops.triton.rms_norm import rms_norm_backward, rms_norm_forward
 
-    x, targets = torch.randn(2, vocab, dtype=dtype), torch.zeros(2, dtype=torch.long)
+    x, targets = torch.randn(2, vocab, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long)
+    rows, weight = torch.randn(8, hidden), torch.ones(hidden)
     with offline_compilation(arch) as compiled:
         _, lse = cross_entropy_forward(x, targets)
         cross_entropy_backward(x, targets, lse, torch.ones(1))
+        y, rstd = rms_norm_forward(rows, weight, 1e-5, torch.bfloat16)
+        rms_norm_backward(rows, weight, rstd, y, True)
     return [_record(name, kernel, 0, 0, 0, arch) for name, _, kernel in compiled]
 
 
@@ -206,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     for K, V, M in args.shape or DEFAULT_SHAPES:
         records += training_kernel_resources(K, V, M, arch=args.arch) + decode_kernel_resources(K, V, M, arch=args.arch)
-    records += loss_kernel_resources(arch=args.arch)
+    records += model_kernel_resources(arch=args.arch)
     print(format_table(records))
     if args.json:
         payload = {"stamp": stamp(), "target": f"sm_{args.arch}", "shared_limit": SHARED_LIMIT.get(args.arch),

@@ -15,15 +15,12 @@ def _kernel_device(x: torch.Tensor) -> bool:
 
 
 def _takes_kernel(x: torch.Tensor) -> bool:
-    """The kernels run eagerly only: under torch.compile the PyTorch path is traced (and fused by inductor)."""
+    """Whether the Triton kernels take x: a device where they run, a float dtype, rows of at most NORM_MAX_D."""
+    if not (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _kernel_device(x)):
+        return False
     from ..ops.triton.config import NORM_MAX_D
 
-    return (
-        x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and 0 < x.shape[-1] <= NORM_MAX_D
-        and not torch.compiler.is_compiling()
-        and _kernel_device(x)
-    )
+    return 0 < x.shape[-1] <= NORM_MAX_D
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -32,6 +29,13 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The formula, in at least float32, returned in out_dtype (what `_RMSNormFunction` computes)."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dt)
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(dt)).to(out_dtype)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -51,10 +55,9 @@ class _RMSNormFunction(torch.autograd.Function):
             ctx.save_for_backward(rows, weight, rstd)
             return y.view(x.shape)
         dt = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(dt)
-        rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+        rstd = torch.rsqrt(x.to(dt).pow(2).mean(dim=-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * weight.to(dt)).to(out_dtype)
+        return (x.to(dt) * rstd * weight.to(dt)).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -86,6 +89,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced as plain ops, which inductor fuses (and whose saved tensors it chooses). Through the Function,
+            # torch 2.11's compiled backward gave zero gradients to the weight and to earlier layers (H200 run,
+            # 2026-11-30); torch 2.13's did not.
+            return rms_norm(x, self.weight, self.eps, _output_dtype(x))
         return _RMSNormFunction.apply(x, self.weight, self.eps, _output_dtype(x))
 
     def extra_repr(self) -> str:

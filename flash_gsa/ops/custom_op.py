@@ -237,6 +237,15 @@ class _TritonGSA(torch.autograd.Function):
         return _triton_grads(ctx, do, d_final, _triton_backward_grads)
 
 
+def triton_size_error(K: int, V: int, M: int) -> str | None:
+    """Why the triton backend cannot take these sizes (head dims K, V and M slots), or None when it can."""
+    if M & (M - 1) or not 16 <= M <= 256:
+        return f"the triton backend needs M (slots) a power of two >= 16 and <= 256, got {M}"
+    if K < 16 or V < 16:
+        return f"the triton backend needs K and V >= 16, got K={K}, V={V}"
+    return None
+
+
 def gsa_triton_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, s: Tensor, scale: float,
     initial_state: State | None, output_final_state: bool, cu_seqlens: Tensor | None,
@@ -245,10 +254,9 @@ def gsa_triton_op(
     kernels); arguments as `flash_gsa.ops.chunk.gsa_chunk`. It needs M a power of two >= 16 and K, V >= 16. The final
     state is float32."""
     M, K, V = g.shape[-1], q.shape[-1], v.shape[-1]
-    if M & (M - 1) or not 16 <= M <= 256:
-        raise ValueError(f"the triton backend needs M (slots) a power of two >= 16 and <= 256, got {M}")
-    if K < 16 or V < 16:
-        raise ValueError(f"the triton backend needs K and V >= 16, got K={K}, V={V}")
+    why = triton_size_error(K, V, M)
+    if why:
+        raise ValueError(why)
     init = None
     if initial_state is not None:  # packed as the kernels keep it: [N, H, M, K + V] fp32
         hk0, hv0 = initial_state

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from .custom_op import gsa_chunk_op, gsa_triton_op
+from .custom_op import gsa_chunk_op, gsa_triton_op, triton_size_error
 from .reference import State, gsa_reference
 
 BACKENDS = ("reference", "chunk", "triton")
@@ -99,7 +99,8 @@ def gsa(
         initial_state: `(hk [N, H, K, M], hv [N, H, M, V])`, N = number of sequences; zeros when None.
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: `[N + 1]` int offsets of N sequences packed along T (needs B == 1); nothing crosses a boundary.
-        backend: "reference", "chunk" or "triton"; None picks the fastest one for q's device. The chunk and triton
+        backend: "reference", "chunk" or "triton"; None picks the fastest one for q's device (chunk for sizes that
+            triton does not take: M not a power of two in 16..256, K or V below 16). The chunk and triton
             backends are custom ops (`flash_gsa.ops.custom_op`): torch.compile captures them without graph breaks.
 
     Returns:
@@ -145,6 +146,8 @@ def gsa(
 
     if backend is None:
         backend = default_backend(device)
+        if backend == "triton" and triton_size_error(K, V, M):
+            backend = "chunk"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton":
