@@ -18,6 +18,7 @@ BLOCK_SCAN_M = 16  # ... and slots (rows); small tiles give the latency-bound sc
 
 NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4, "bwd_gate": 4}
 NUM_STAGES = {"local": 2, "scan": 3, "output": 2, "bwd_query": 3, "bwd_kv": 3, "bwd_gate": 3}
+# (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster.)
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
 # (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped
 # heads), which the interpreter cannot see. (On an H100, 8 warps had been 15-25% faster at M = 64; on the H200, with
