@@ -30,13 +30,12 @@ VARIANTS = {
     "default": {},
     # software pipelining of the K / V tile loops: one stage fewer than the defaults
     "output_stages1": dict(NUM_STAGES={**config.NUM_STAGES, "output": 1}),
-    "bwd_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}),
+    "bwd_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 2, "bwd_kv": 2}),
     # one tile width for every kernel: 64 (twice the loop trips at K = V = 512, smaller products) or 128
     "tiles64": dict(TILE=dict.fromkeys(config.TILE, 64)),
     "tiles128": dict(TILE=dict.fromkeys(config.TILE, 128)),
-    # 64-wide tiles and one stage fewer everywhere: the defaults before the H200 sweep (results/tune_kernels_*.json)
-    "before_sweep": dict(TILE=dict.fromkeys(config.TILE, 64),
-                         NUM_STAGES={**config.NUM_STAGES, "output": 1, "bwd_query": 2, "bwd_kv": 2, "bwd_gate": 2}),
+    # bwd_kv alone with 128-wide tiles (fewer trips; more live registers)
+    "bwd_kv128": dict(TILE={**config.TILE, "bwd_kv": 128}),
     # narrower tiles: fewer live registers per trip
     "tiles32": dict(TILE=dict.fromkeys(config.TILE, 32)),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
@@ -45,7 +44,7 @@ VARIANTS = {
     # 64: 255 registers and spills), twice the chunks (states, scan steps)
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
     # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
-    "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_gate": 8}),
+    "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_kv": 8}),
 }
 TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD")
 

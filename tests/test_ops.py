@@ -256,9 +256,10 @@ def test_default_backend_on_cpu(seed):
     assert torch.equal(o, o_chunk)
 
 
-def test_default_backend_falls_back_to_chunk_for_sizes_triton_does_not_take(monkeypatch, seed):
-    """Where triton is the default (CUDA; here forced on the CPU, where the interpreter runs it), backend=None takes
-    the chunk backend for sizes the kernels do not take (M = 8, or K < 16) instead of failing, and triton otherwise."""
+def test_default_backend_falls_back_to_chunk_for_sizes_triton_does_not_take(monkeypatch, seed, device):
+    """Where triton is the default (CUDA; forced on the CPU without one, where the interpreter runs it), backend=None
+    takes the chunk backend for sizes the kernels do not take (M = 8, or K < 16) instead of failing, and triton
+    otherwise."""
     import flash_gsa.ops.custom_op as custom_op
 
     gsa_module = importlib.import_module("flash_gsa.ops.gsa")  # the module (flash_gsa.ops.gsa is also the function)
@@ -268,6 +269,7 @@ def test_default_backend_falls_back_to_chunk_for_sizes_triton_does_not_take(monk
     monkeypatch.setattr(gsa_module, "gsa_triton_op", lambda *a: taken.append(a[3].shape[-1]) or real(*a))
     for K, M, triton in ((16, 8, False), (8, 16, False), (16, 16, True)):
         inputs, _ = make_inputs(1, 5, 2, 1, K, 16, M, dtype=torch.float32)
+        inputs = [x.to(device) for x in inputs]
         o, _ = flash_gsa.gsa(*inputs)
         o_chunk, _ = flash_gsa.gsa(*inputs, backend="chunk")
         torch.testing.assert_close(o, o_chunk, rtol=1e-3, atol=1e-3)  # fp32 both; the kernels sum in another order

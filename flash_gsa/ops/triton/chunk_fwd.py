@@ -1,4 +1,5 @@
-"""Forward kernels of the chunked GSA: chunk-local states, the scan across chunks, and the outputs.
+"""Forward kernels of the chunked GSA: chunk-local states and the outputs (scan.py carries the states across
+chunks in between).
 
 Layouts (all contiguous; T' = tokens of all sequences packed; NC = chunks of all sequences):
     q [T', HQ, K], k [T', H, K], v [T', H, V], g, s [T', H, M], o [T', HQ, V]
@@ -55,78 +56,6 @@ def chunk_local_kernel(
     for v0 in range(0, V, BV):
         ptrs, mask = state_tile(X, c, h, H, M, K + V, K, V, v0, BV)
         tl.store(ptrs, dot(wt, load_tile(v, t0, h, H, V, v0, n_rows, C, BV)).to(X.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scan_load(X, b_last, c, live, h, tile, mask, H: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
-               KV: tl.constexpr, rows):
-    """What chunk c brings to a scan tile: x = the sum over the G heads of X[c] and the decay exp(b_last[c]).
-    When not live (past the sequence's end): x = 0 and decay 1, a step that changes nothing."""
-    x = tl.zeros(tile.shape, dtype=tl.float32)
-    for j in tl.static_range(G):
-        x += tl.load(X + (c * H * G + h * G + j) * M * KV + tile, mask=mask & live, other=0.0).to(tl.float32)
-    return x, tl.exp(tl.load(b_last + (c * H + h) * M + rows, mask=live, other=0.0))
-
-
-@triton.jit
-def _scan_step(out, S, x, decay, c, live, h, tile, mask, H: tl.constexpr, M: tl.constexpr, KV: tl.constexpr):
-    """Writes S as the state of chunk c (if live) and returns the next one, S * decay + x."""
-    tl.store(out + (c * H + h) * M * KV + tile, S.to(out.dtype.element_ty), mask=mask & live)
-    return S * decay[:, None] + x
-
-
-@triton.jit
-def chunk_scan_kernel(
-    X,
-    out,
-    b_last,
-    init,
-    final,
-    chunk_offsets,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    M: tl.constexpr,
-    KV: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    REVERSE: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-):
-    """One program per (tile [BM slots, BN columns] of the state, sequence x kv-head), walking the sequence's chunks
-    in order (REVERSE: backwards). With x_c = the sum over the G heads of the group of X[c]:
-        out[c] = S;  S = S * exp(b_last[c]) + x_c       starting from S = init (or 0); final = S at the end.
-    Forward: X = chunk contributions, out = states entering each chunk (may alias X when G == 1).
-    Backward: X = state gradients from each chunk's outputs, out = gradients of the state leaving each chunk.
-    The walk is latency-bound (each step waits for its loads), so it takes four chunks per step: their eight loads
-    are issued together, then the four updates run."""
-    nh = tl.program_id(2)
-    n = nh // H
-    h = nh % H
-    rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    tile = rows[:, None] * KV + cols[None, :]
-    mask = (cols < KV)[None, :]
-    lo = tl.load(chunk_offsets + n)
-    n_chunks = tl.load(chunk_offsets + n + 1) - lo
-    if HAS_INIT:
-        S = tl.load(init + nh * M * KV + tile, mask=mask, other=0.0)
-    else:
-        S = tl.zeros([BM, BN], dtype=tl.float32)
-    for p in range(0, n_chunks, 4):  # p: position in the walk
-        c0 = lo + n_chunks - 1 - p if REVERSE else lo + p
-        c1 = c0 - 1 if REVERSE else c0 + 1
-        c2 = c1 - 1 if REVERSE else c1 + 1
-        c3 = c2 - 1 if REVERSE else c2 + 1
-        live0, live1, live2, live3 = p < n_chunks, p + 1 < n_chunks, p + 2 < n_chunks, p + 3 < n_chunks
-        x0, d0 = _scan_load(X, b_last, c0, live0, h, tile, mask, H, G, M, KV, rows)
-        x1, d1 = _scan_load(X, b_last, c1, live1, h, tile, mask, H, G, M, KV, rows)
-        x2, d2 = _scan_load(X, b_last, c2, live2, h, tile, mask, H, G, M, KV, rows)
-        x3, d3 = _scan_load(X, b_last, c3, live3, h, tile, mask, H, G, M, KV, rows)
-        S = _scan_step(out, S, x0, d0, c0, live0, h, tile, mask, H, M, KV)
-        S = _scan_step(out, S, x1, d1, c1, live1, h, tile, mask, H, M, KV)
-        S = _scan_step(out, S, x2, d2, c2, live2, h, tile, mask, H, M, KV)
-        S = _scan_step(out, S, x3, d3, c3, live3, h, tile, mask, H, M, KV)
-    tl.store(final + nh * M * KV + tile, S, mask=mask)
 
 
 @triton.jit

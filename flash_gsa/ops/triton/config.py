@@ -8,16 +8,19 @@ SUB = 64  # sub-chunk inside a chunk: pairs within one are taken exactly, across
 # chunk: the fast path then takes one matrix product per intra-chunk form (four at 16), the exact path one pass per
 # diagonal (64); only chunks that decay by more than FAST_DECAY_LIMIT take the latter.
 FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
-TILE = {"local": 64, "output": 128, "bwd_query": 64, "bwd_kv": 128, "bwd_gate": 64}  # width of the K and V tiles
-# each kernel's matrix products take (capped at K or V). From the H200 sweep (benchmarks/tune_kernels.py, K = V = 256
-# and 512): 128 made output and bwd_kv 6-28% faster, bwd_query and bwd_gate 2-19% slower (more spills); local: a tie.
+TILE = {"local": 64, "output": 128, "bwd_query": 64, "bwd_kv": 64}  # width of the K and V tiles each kernel's
+# matrix products take (capped at K or V). From the H200 sweeps (benchmarks/tune_kernels.py, K = V = 256 and 512):
+# 128 made output 6-28% faster; bwd_kv (with the gate gradients) was 27-51% slower at 128 (more spills); local: a tie.
 MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 tiles, chunk_local as compiled by Triton
 # 3.6 for an H200 reads invalid shared memory in its tensor-core product (compute-sanitizer), then faults
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
 BLOCK_SCAN_M = 16  # ... and slots (rows); small tiles give the latency-bound scan more programs
+# (Tried on the H200 and dropped: a sequential walk per direction that builds each chunk's contribution on the way
+# instead of chunk_local + the scan. Both directions took 0.82 / 1.29 ms at T = 2048 (hidden 1024 / 2048) against
+# 0.27 / 0.49 ms for local + scan, and 2.5-2.7 ms at T = 32768.)
 
-NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4, "bwd_gate": 4}
-NUM_STAGES = {"local": 2, "scan": 3, "output": 2, "bwd_query": 3, "bwd_kv": 3, "bwd_gate": 3}
+NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4}
+NUM_STAGES = {"local": 2, "scan": 3, "output": 2, "bwd_query": 3, "bwd_kv": 3}
 # (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster.)
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
 # (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped

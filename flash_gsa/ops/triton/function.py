@@ -1,8 +1,8 @@
-"""The triton backend's launches: the chunked forward (3 kernels) and backward (4 kernels, the scan run twice).
+"""The triton backend's launches: the chunked forward (3 kernels) and backward (3 kernels, the scan reversed).
 `flash_gsa.ops.custom_op` wraps them as the torch.library ops `flash_gsa::triton_fwd` / `triton_bwd`.
 
 Forward:  chunk_local (per chunk) -> chunk_scan (across chunks) -> chunk_output (per chunk).
-Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv and bwd_gate (per chunk).
+Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv (per chunk).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from functools import lru_cache
 import torch
 
 from . import config
-from .chunk_bwd import bwd_gate_kernel, bwd_kv_kernel, bwd_query_kernel
-from .chunk_fwd import chunk_local_kernel, chunk_output_kernel, chunk_scan_kernel
+from .chunk_bwd import bwd_kv_kernel, bwd_query_kernel
+from .chunk_fwd import chunk_local_kernel, chunk_output_kernel
+from .scan import chunk_scan_kernel
 
 
 @dataclass
@@ -112,16 +113,19 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
     )
 
 
-def _scan(X, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bool):
-    """Runs chunk_scan_kernel; returns the [N, H, M, K + V] state after the last (first, if reverse) chunk."""
+def _scan(X, out, b_last, init, layout: ChunkLayout, H: int, G: int, forward=None):
+    """Runs chunk_scan_kernel; returns the [N, H, M, K + V] state after the last chunk (the first, when reversed).
+    Reversed when `forward` = (the forward's states, its final state, the `later` buffer [NC, H, NT, M] to fill) is
+    given."""
     M, KV = X.shape[-2], X.shape[-1]
     n_seq = layout.cu_seqlens.numel() - 1
     final = empty(n_seq, H, M, KV, device=X.device, dtype=torch.float32)
     BM = min(config.BLOCK_SCAN_M, M)
     grid = (config.cdiv(KV, config.BLOCK_SCAN), M // BM, n_seq * H)
-    init_or_dummy = init if init is not None else final
-    _launch(chunk_scan_kernel, grid, X, out, b_last, init_or_dummy, final, layout.chunk_offsets, H=H, G=G, M=M,
-            KV=KV, BM=BM, BN=config.BLOCK_SCAN, REVERSE=reverse, HAS_INIT=init is not None)
+    states, states_final, later = forward if forward is not None else (final, final, final)  # (unread if forward)
+    _launch(chunk_scan_kernel, grid, X, out, b_last, init if init is not None else final, final, states,
+            states_final, later, layout.chunk_offsets, H=H, G=G, M=M, KV=KV, BM=BM, BN=config.BLOCK_SCAN,
+            REVERSE=forward is not None, HAS_INIT=init is not None)
     return final
 
 
@@ -139,7 +143,7 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
     _launch(chunk_local_kernel, (NC, H), k, v, g, s, b, b_last, states, *tables, **sizes)
-    final = _scan(states, states, b_last, init, layout, H, 1, reverse=False)
+    final = _scan(states, states, b_last, init, layout, H, 1)
     o = empty(T, HQ, V, device=dev, dtype=q.dtype)
     z = empty(T, HQ, M, device=dev, dtype=f32)
     lse = empty(T, HQ, device=dev, dtype=f32)
@@ -165,12 +169,11 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     _launch(bwd_query_kernel, (NC, HQ), q, k, v, s, b, states, do, z, lse, dq, p, dzs, pz, Wd, Y, *tables, scale,
             **sizes)
     D = Y if G == 1 else empty(NC, H, M, K + V, device=dev, dtype=Y.dtype)
-    d_init = _scan(Y, D, b_last, d_final, layout, H, G, reverse=True)
+    later = empty(NC, H, config.cdiv(K + V, config.BLOCK_SCAN), M, device=dev, dtype=f32)
+    d_init = _scan(Y, D, b_last, d_final, layout, H, G, forward=(states, final, later))
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
-    n_tiles = config.cdiv(K, _tile(K, bwd_kv_kernel)) + config.cdiv(V, _tile(V, bwd_kv_kernel))
-    _launch(bwd_kv_kernel, (NC, H, n_tiles), q, s, b, b_last, D, do, W, Wd, dk, dv, *tables, **sizes)
     dg = empty(T, H, M, device=dev, dtype=f32)
-    _launch(bwd_gate_kernel, (NC, H), q, k, v, s, b, b_last, states, final, D, do, p, dzs, pz, ds, dg, *tables,
-            layout.chunk_offsets, **sizes)
+    _launch(bwd_kv_kernel, (NC, H), q, k, v, s, b, b_last, D, later, do, W, Wd, p, dzs, pz, dk, dv, ds, dg, *tables,
+            NT=later.shape[2], **sizes)
     return dq, dk, dv, ds, dg, d_init
