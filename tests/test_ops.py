@@ -272,7 +272,9 @@ def test_default_backend_falls_back_to_chunk_for_sizes_triton_does_not_take(monk
         inputs = [x.to(device) for x in inputs]
         o, _ = flash_gsa.gsa(*inputs)
         o_chunk, _ = flash_gsa.gsa(*inputs, backend="chunk")
-        torch.testing.assert_close(o, o_chunk, rtol=1e-3, atol=1e-3)  # fp32 both; the kernels sum in another order
+        # fp32 both; the kernels sum in another order, and on a GPU take their products in tf32 (10-bit mantissa)
+        tol = 1e-2 if device.type == "cuda" else 1e-3
+        torch.testing.assert_close(o, o_chunk, rtol=tol, atol=tol)
         assert bool(taken) == triton
         taken.clear()
 

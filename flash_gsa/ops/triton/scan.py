@@ -6,27 +6,32 @@ import triton.language as tl
 
 
 @triton.jit
-def _scan_load(X, b_last, c, live, h, tile, mask, H: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
-               KV: tl.constexpr, rows):
+def _scan_load(X, b_last, c, live, h, tile, mask, rows, H: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
+               KV: tl.constexpr, REVERSE: tl.constexpr, states, states_final, nh, final_chunk):
     """What chunk c brings to a scan tile: x = the sum over the G heads of X[c] and the decay exp(b_last[c]).
-    When not live (past the sequence's end): x = 0 and decay 1, a step that changes nothing."""
+    When not live (past the sequence's end): x = 0 and decay 1, a step that changes nothing. Reversed, also the
+    state leaving c (fp32): the forward's state entering c + 1, or the final one after the sequence's last chunk."""
     x = tl.zeros(tile.shape, dtype=tl.float32)
     for j in tl.static_range(G):
         x += tl.load(X + (c * H * G + h * G + j) * M * KV + tile, mask=mask & live, other=0.0).to(tl.float32)
-    return x, tl.exp(tl.load(b_last + (c * H + h) * M + rows, mask=live, other=0.0))
-
-
-@triton.jit
-def _scan_step(out, S, x, decay, c, live, h, tile, mask, rows, H: tl.constexpr, M: tl.constexpr, KV: tl.constexpr,
-               REVERSE: tl.constexpr, states, states_final, later, nh, final_chunk, NT: tl.constexpr):
-    """Writes S as the state of chunk c (if live) and returns the next one, S * decay + x. Reversed, also writes this
-    tile's share of <state leaving chunk c, its gradient S> (a sum over the tile's columns) to later."""
-    tl.store(out + (c * H + h) * M * KV + tile, S.to(out.dtype.element_ty), mask=mask & live)
-    if REVERSE:  # the state leaving c: the forward's state entering c + 1, or the final one after the last chunk
+    decay = tl.exp(tl.load(b_last + (c * H + h) * M + rows, mask=live, other=0.0))
+    if REVERSE:
         last_chunk = c == final_chunk
         leaving = tl.load(states + ((c + 1) * H + h) * M * KV + tile, mask=mask & live & (last_chunk == 0),
                           other=0.0).to(tl.float32)
         leaving += tl.load(states_final + nh * M * KV + tile, mask=mask & live & last_chunk, other=0.0)
+    else:
+        leaving = x  # not used forward
+    return x, decay, leaving
+
+
+@triton.jit
+def _scan_step(out, S, x, decay, leaving, c, live, h, tile, mask, rows, H: tl.constexpr, M: tl.constexpr,
+               KV: tl.constexpr, REVERSE: tl.constexpr, later, NT: tl.constexpr):
+    """Writes S as the state of chunk c (if live) and returns the next one, S * decay + x. Reversed, also writes this
+    tile's share of <state leaving chunk c, its gradient S> (a sum over the tile's columns) to later."""
+    tl.store(out + (c * H + h) * M * KV + tile, S.to(out.dtype.element_ty), mask=mask & live)
+    if REVERSE:
         tl.store(later + ((c * H + h) * NT + tl.program_id(0)) * M + rows, tl.sum(leaving * S, axis=1), mask=live)
     return S * decay[:, None] + x
 
@@ -58,8 +63,9 @@ def chunk_scan_kernel(
     Backward: X = state gradients from each chunk's outputs, out = gradients of the state leaving each chunk (may
     alias X when G == 1); also writes later [NC, H, NT, M] fp32 (NT = column tiles): each tile's share of <state
     leaving the chunk, its gradient>, from the forward's `states` and `states_final` (bwd_kv adds the shares up).
-    The walk is latency-bound (each step waits for its loads), so it takes four chunks per step: their eight loads
-    are issued together, then the four updates run."""
+    The walk is latency-bound (each step waits for its loads), so it takes four chunks per step: their loads (twelve
+    reversed) are issued together, then the four updates run. (Loads of the leaving states placed after each
+    step's store made the reversed scan 3-5x slower on the H200: a load may not pass an earlier store.)"""
     nh = tl.program_id(2)
     n = nh // H
     h = nh % H
@@ -80,16 +86,17 @@ def chunk_scan_kernel(
         c2 = c1 - 1 if REVERSE else c1 + 1
         c3 = c2 - 1 if REVERSE else c2 + 1
         live0, live1, live2, live3 = p < n_chunks, p + 1 < n_chunks, p + 2 < n_chunks, p + 3 < n_chunks
-        x0, d0 = _scan_load(X, b_last, c0, live0, h, tile, mask, H, G, M, KV, rows)
-        x1, d1 = _scan_load(X, b_last, c1, live1, h, tile, mask, H, G, M, KV, rows)
-        x2, d2 = _scan_load(X, b_last, c2, live2, h, tile, mask, H, G, M, KV, rows)
-        x3, d3 = _scan_load(X, b_last, c3, live3, h, tile, mask, H, G, M, KV, rows)
-        S = _scan_step(out, S, x0, d0, c0, live0, h, tile, mask, rows, H, M, KV, REVERSE, states, states_final,
-                       later, nh, lo + n_chunks - 1, NT)
-        S = _scan_step(out, S, x1, d1, c1, live1, h, tile, mask, rows, H, M, KV, REVERSE, states, states_final,
-                       later, nh, lo + n_chunks - 1, NT)
-        S = _scan_step(out, S, x2, d2, c2, live2, h, tile, mask, rows, H, M, KV, REVERSE, states, states_final,
-                       later, nh, lo + n_chunks - 1, NT)
-        S = _scan_step(out, S, x3, d3, c3, live3, h, tile, mask, rows, H, M, KV, REVERSE, states, states_final,
-                       later, nh, lo + n_chunks - 1, NT)
+        end = lo + n_chunks - 1  # the sequence's last chunk
+        x0, d0, s0 = _scan_load(X, b_last, c0, live0, h, tile, mask, rows, H, G, M, KV, REVERSE, states,
+                                states_final, nh, end)
+        x1, d1, s1 = _scan_load(X, b_last, c1, live1, h, tile, mask, rows, H, G, M, KV, REVERSE, states,
+                                states_final, nh, end)
+        x2, d2, s2 = _scan_load(X, b_last, c2, live2, h, tile, mask, rows, H, G, M, KV, REVERSE, states,
+                                states_final, nh, end)
+        x3, d3, s3 = _scan_load(X, b_last, c3, live3, h, tile, mask, rows, H, G, M, KV, REVERSE, states,
+                                states_final, nh, end)
+        S = _scan_step(out, S, x0, d0, s0, c0, live0, h, tile, mask, rows, H, M, KV, REVERSE, later, NT)
+        S = _scan_step(out, S, x1, d1, s1, c1, live1, h, tile, mask, rows, H, M, KV, REVERSE, later, NT)
+        S = _scan_step(out, S, x2, d2, s2, c2, live2, h, tile, mask, rows, H, M, KV, REVERSE, later, NT)
+        S = _scan_step(out, S, x3, d3, s3, c3, live3, h, tile, mask, rows, H, M, KV, REVERSE, later, NT)
     tl.store(final + nh * M * KV + tile, S, mask=mask)
