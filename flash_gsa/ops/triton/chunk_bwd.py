@@ -162,35 +162,12 @@ def bwd_kv_kernel(
     w = (load_slots(s, t0, h, H, n_rows, C, M) * tl.exp(last[None, :] - b)).to(k.dtype.element_ty)
     head_rows = t0 * (HQ * M) + h * G * M  # the group's first head in the p / dzs buffers
 
+    # keys: dk, k @ dhk_out^T and A = q k^T (the group's first head); then values: dv, v @ dhv_out and DV = do v^T
     from_state = tl.zeros([C, M], dtype=tl.float32)  # k @ dhk_out + v @ dhv_out^T
-    A = tl.zeros([C, C], dtype=tl.float32)  # q k^T of the group's first head
-    for k0 in range(0, K, BK):
-        kt = load_tile(k, t0, h, H, K, k0, n_rows, C, BK)
-        ptrs, mask = state_tile(D, c, h, H, M, KV, 0, K, k0, BK)
-        d_out = tl.load(ptrs, mask=mask, other=0.0).to(kt.dtype)
-        from_state += dot(kt, tl.trans(d_out))
-        acc = dot(w, d_out)  # dk = w @ dhk_out^T + sum_j Wd_j^T q_j
-        for j in tl.static_range(G):
-            qt = load_tile(q, t0, h * G + j, HQ, K, k0, n_rows, C, BK)
-            acc += dot(tl.trans(tl.load(chunk_block(Wd_buf, c, h * G + j, HQ, C, C)).to(qt.dtype)), qt)
-            if j == 0:
-                A += dot(qt, tl.trans(kt))
-        store_tile(dk, acc, t0, h, H, K, k0, n_rows, C, BK)
+    from_state, A = _grad_half(k, q, Wd_buf, dk, D, w, from_state, c, h, t0, n_rows, 0, H, G, K, M, KV, C, BK)
     dzs = load_slots(dzs_buf, t0, h * G, HQ, n_rows, C, M)
     grad_s = value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
-    DV = tl.zeros([C, C], dtype=tl.float32)  # do v^T of the group's first head
-    for v0 in range(0, V, BV):
-        vt = load_tile(v, t0, h, H, V, v0, n_rows, C, BV)
-        ptrs, mask = state_tile(D, c, h, H, M, KV, K, V, v0, BV)
-        d_out = tl.load(ptrs, mask=mask, other=0.0).to(vt.dtype)
-        from_state += dot(vt, tl.trans(d_out))
-        acc = dot(w, d_out)  # dv = w @ dhv_out + sum_j W_j^T do_j
-        for j in tl.static_range(G):
-            dot_ = load_tile(do, t0, h * G + j, HQ, V, v0, n_rows, C, BV)
-            acc += dot(tl.trans(tl.load(chunk_block(W_buf, c, h * G + j, HQ, C, C)).to(dot_.dtype)), dot_)
-            if j == 0:
-                DV += dot(dot_, tl.trans(vt))
-        store_tile(dv, acc, t0, h, H, V, v0, n_rows, C, BV)
+    from_state, DV = _grad_half(v, do, W_buf, dv, D, w, from_state, c, h, t0, n_rows, K, H, G, V, M, KV, C, BV)
     p = load_slots(p_buf, t0, h * G, HQ, n_rows, C, M)
     grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     grad_s += from_state * tl.exp(last[None, :] - b)
@@ -198,16 +175,10 @@ def bwd_kv_kernel(
     for j in range(1, G):  # the group's other query heads
         hq = h * G + j
         rows_j = t0 * (HQ * M) + hq * M
-        A = tl.zeros([C, C], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            qt = load_tile(q, t0, hq, HQ, K, k0, n_rows, C, BK)
-            A += dot(qt, tl.trans(load_tile(k, t0, h, H, K, k0, n_rows, C, BK)))
+        A = _pair_product(q, hq, k, h, t0, n_rows, H, G, K, C, BK)
         dzs = load_slots(dzs_buf, t0, hq, HQ, n_rows, C, M)
         grad_s += value_decay_t(A, dzs, b, dzs_buf + rows_j, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
-        DV = tl.zeros([C, C], dtype=tl.float32)
-        for v0 in range(0, V, BV):
-            dot_ = load_tile(do, t0, hq, HQ, V, v0, n_rows, C, BV)
-            DV += dot(dot_, tl.trans(load_tile(v, t0, h, H, V, v0, n_rows, C, BV)))
+        DV = _pair_product(do, hq, v, h, t0, n_rows, H, G, V, C, BV)
         p = load_slots(p_buf, t0, hq, HQ, n_rows, C, M)
         grad_s += value_decay_t(DV, p, b, p_buf + rows_j, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
 
@@ -219,3 +190,38 @@ def bwd_kv_kernel(
     for t in range(NT):
         later += tl.load(later_buf + ((c * H + h) * NT + t) * M + tl.arange(0, M))
     store_slots(dg, tl.cumsum(db, axis=0, reverse=True) + later[None, :], t0, h, H, n_rows, C, M)
+
+
+@triton.jit
+def _grad_half(x, src, W_buf, out, D, w, from_state, c, h, t0, n_rows, start: tl.constexpr, H: tl.constexpr,
+               G: tl.constexpr, width: tl.constexpr, M: tl.constexpr, KV: tl.constexpr, C: tl.constexpr,
+               BD: tl.constexpr):
+    """One half of bwd_kv's tile loops: keys (x = k, src = q, W = Wd, out = dk, start = 0) or values (x = v, src =
+    do, W = W, out = dv, start = K). Writes out = w @ D_half + sum_j W_j^T src_j over the group's query heads j, and
+    returns from_state + x @ D_half^T [C, M] and src_0 @ x^T [C, C] of the group's first head (q k^T or do v^T)."""
+    HQ: tl.constexpr = H * G
+    first = tl.zeros([C, C], dtype=tl.float32)
+    for d0 in range(0, width, BD):
+        xt = load_tile(x, t0, h, H, width, d0, n_rows, C, BD)
+        ptrs, mask = state_tile(D, c, h, H, M, KV, start, width, d0, BD)
+        d_out = tl.load(ptrs, mask=mask, other=0.0).to(xt.dtype)
+        from_state += dot(xt, tl.trans(d_out))
+        acc = dot(w, d_out)
+        for j in tl.static_range(G):
+            st = load_tile(src, t0, h * G + j, HQ, width, d0, n_rows, C, BD)
+            acc += dot(tl.trans(tl.load(chunk_block(W_buf, c, h * G + j, HQ, C, C)).to(st.dtype)), st)
+            if j == 0:
+                first += dot(st, tl.trans(xt))
+        store_tile(out, acc, t0, h, H, width, d0, n_rows, C, BD)
+    return from_state, first
+
+
+@triton.jit
+def _pair_product(src, hq, x, h, t0, n_rows, H: tl.constexpr, G: tl.constexpr, width: tl.constexpr, C: tl.constexpr,
+                  BD: tl.constexpr):
+    """src[hq] @ x[h]^T over the chunk's rows, [C, C] fp32 (q k^T or do v^T of query head hq)."""
+    P = tl.zeros([C, C], dtype=tl.float32)
+    for d0 in range(0, width, BD):
+        P += dot(load_tile(src, t0, hq, H * G, width, d0, n_rows, C, BD),
+                 tl.trans(load_tile(x, t0, h, H, width, d0, n_rows, C, BD)))
+    return P
