@@ -31,11 +31,17 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """The formula, in at least float32, returned in out_dtype (what `_RMSNormFunction` computes)."""
+def _rms_norm_and_rstd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
+    """The formula in PyTorch, in at least float32: y in out_dtype and the per-row rsqrt(mean(x^2) + eps)."""
     dt = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(dt)
-    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(dt)).to(out_dtype)
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * rstd * weight.to(dt)).to(out_dtype), rstd
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The formula, in at least float32, returned in out_dtype (what `_RMSNormFunction` computes)."""
+    return _rms_norm_and_rstd(x, weight, eps, out_dtype)[0]
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -54,10 +60,9 @@ class _RMSNormFunction(torch.autograd.Function):
             y, rstd = rms_norm_forward(rows, weight, eps, out_dtype)
             ctx.save_for_backward(rows, weight, rstd)
             return y.view(x.shape)
-        dt = torch.promote_types(x.dtype, torch.float32)
-        rstd = torch.rsqrt(x.to(dt).pow(2).mean(dim=-1, keepdim=True) + eps)
+        y, rstd = _rms_norm_and_rstd(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return (x.to(dt) * rstd * weight.to(dt)).to(out_dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
