@@ -45,8 +45,11 @@ VARIANTS = {
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
     # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
     "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_kv": 8}),
+    # state tiles of the scan: twice the slots (rows) or twice the columns per program (half the programs)
+    "scan_m32": dict(BLOCK_SCAN_M=32),
+    "scan_n128": dict(BLOCK_SCAN=128),
 }
-TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD")
+TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN", "BLOCK_SCAN_M")
 
 
 SHAPES = {"h1024": 256, "h2048": 512}  # K = V per head, at H = 4, M = 64
