@@ -48,6 +48,8 @@ VARIANTS = {
     # state tiles of the scan: twice the slots (rows) or twice the columns per program (half the programs)
     "scan_m32": dict(BLOCK_SCAN_M=32),
     "scan_n128": dict(BLOCK_SCAN=128),
+    "scan_m64": dict(BLOCK_SCAN_M=64),
+    "scan_m64w8": dict(BLOCK_SCAN_M=64, NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
 }
 TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN", "BLOCK_SCAN_M")
 

@@ -70,12 +70,6 @@ def bwd_query_kernel(
     live = tl.arange(0, C) < n_rows
     s_rows = s + t0 * (H * M) + h * M
     b_rows = b_buf + (c * H + h) * C * M
-    write = load_slots(s, t0, h, H, n_rows, C, M)
-    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
-    fast = fast_path_ok(b, b_rows, C, M, SUB)
-    lse = tl.load(lse_buf + (t0 + tl.arange(0, C)) * HQ + hq, mask=live, other=0.0)
-    p = tl.where(live[:, None], tl.exp(load_slots(z_buf, t0, hq, HQ, n_rows, C, M) - lse[:, None]), 0.0)
-
     dp_inter = tl.zeros([C, M], dtype=tl.float32)
     DV = tl.zeros([C, C], dtype=tl.float32)
     for v0 in range(0, V, BV):
@@ -83,14 +77,25 @@ def bwd_query_kernel(
         ptrs, mask = state_tile(S, c, h, H, M, K + V, K, V, v0, BV)
         dp_inter += dot(dot_, tl.trans(tl.load(ptrs, mask=mask, other=0.0).to(dot_.dtype)))  # do @ hv^T
         DV += dot(dot_, tl.trans(load_tile(v, t0, h, H, V, v0, n_rows, C, BV)))
+    write = load_slots(s, t0, h, H, n_rows, C, M)
+    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
+    fast = fast_path_ok(b, b_rows, C, M, SUB)
     dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
+    lse = tl.load(lse_buf + (t0 + tl.arange(0, C)) * HQ + hq, mask=live, other=0.0)
+    p = tl.where(live[:, None], tl.exp(load_slots(z_buf, t0, hq, HQ, n_rows, C, M) - lse[:, None]), 0.0)
     dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     dzs = scale * dz
     store_slots(p_buf, p, t0, hq, HQ, n_rows, C, M)
     store_slots(dzs_buf, dzs, t0, hq, HQ, n_rows, C, M)
     z = load_slots(z_buf, t0, hq, HQ, n_rows, C, M)  # loaded again rather than kept: fewer live registers
     store_slots(pz_buf, p * dp + z * dz, t0, hq, HQ, n_rows, C, M)
+    pe = tl.trans(p * tl.exp(b)).to(do.dtype.element_ty)
+    for v0 in range(0, V, BV):
+        ptrs, mask = state_tile(Y, c, hq, HQ, M, K + V, K, V, v0, BV)
+        tl.store(ptrs, dot(pe, load_tile(do, t0, hq, HQ, V, v0, n_rows, C, BV)).to(Y.dtype.element_ty), mask=mask)
 
+    write = load_slots(s, t0, h, H, n_rows, C, M)  # s and b loaded again rather than kept through the loop
+    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     tl.store(chunk_block(Wd_buf, c, hq, HQ, C, C), Wd.to(Wd_buf.dtype.element_ty))
 
@@ -104,10 +109,6 @@ def bwd_query_kernel(
                    n_rows, C, BK)
         ptrs, mask = state_tile(Y, c, hq, HQ, M, K + V, 0, K, k0, BK)
         tl.store(ptrs, dot(tl.trans(dze), qt).to(Y.dtype.element_ty), mask=mask)
-    pe = tl.trans(p * tl.exp(b)).to(do.dtype.element_ty)
-    for v0 in range(0, V, BV):
-        ptrs, mask = state_tile(Y, c, hq, HQ, M, K + V, K, V, v0, BV)
-        tl.store(ptrs, dot(pe, load_tile(do, t0, hq, HQ, V, v0, n_rows, C, BV)).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -166,9 +167,11 @@ def bwd_kv_kernel(
     from_state = tl.zeros([C, M], dtype=tl.float32)  # k @ dhk_out + v @ dhv_out^T
     from_state, A = _grad_half(k, q, Wd_buf, dk, D, w, from_state, c, h, t0, n_rows, 0, H, G, K, M, KV, C, BK)
     dzs = load_slots(dzs_buf, t0, h * G, HQ, n_rows, C, M)
+    b = tl.load(chunk_block(b_buf, c, h, H, C, M))  # loaded again rather than kept through the tile loops
     grad_s = value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     from_state, DV = _grad_half(v, do, W_buf, dv, D, w, from_state, c, h, t0, n_rows, K, H, G, V, M, KV, C, BV)
     p = load_slots(p_buf, t0, h * G, HQ, n_rows, C, M)
+    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     grad_s += from_state * tl.exp(last[None, :] - b)
 

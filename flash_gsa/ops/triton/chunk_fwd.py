@@ -117,6 +117,8 @@ def chunk_output_kernel(
     store_slots(z_buf, z, t0, hq, HQ, n_rows, C, M)
     tl.store(lse_buf + (t0 + rows) * HQ + hq, z_max + tl.log(total), mask=live)
 
+    write = load_slots(s, t0, h, H, n_rows, C, M)  # s and b loaded again rather than kept: fewer live registers
+    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP).to(v.dtype.element_ty)
     tl.store(chunk_block(W_buf, c, hq, HQ, C, C), W.to(W_buf.dtype.element_ty))
     pe = (p * tl.exp(b)).to(v.dtype.element_ty)
