@@ -14,13 +14,17 @@ TILE = {"local": 64, "output": 128, "bwd_query": 64, "bwd_kv": 64}  # width of t
 MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 tiles, chunk_local as compiled by Triton
 # 3.6 for an H200 reads invalid shared memory in its tensor-core product (compute-sanitizer), then faults
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
-BLOCK_SCAN_M = 16  # ... and slots (rows); small tiles give the latency-bound scan more programs
+BLOCK_SCAN_M = 32  # ... and slots (rows). H200, T = 2048: 32 made the two scans 21-22% faster than 16 (the reversed
+# one mostly); 64 was slower than 32 (at 4 warps and at 8)
 # (Tried on the H200 and dropped: a sequential walk per direction that builds each chunk's contribution on the way
 # instead of chunk_local + the scan. Both directions took 0.82 / 1.29 ms at T = 2048 (hidden 1024 / 2048) against
 # 0.27 / 0.49 ms for local + scan, and 2.5-2.7 ms at T = 32768.)
 
-NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4}
-NUM_STAGES = {"local": 2, "scan": 3, "output": 2, "bwd_query": 3, "bwd_kv": 3}
+STATES_STEP = 4  # chunks per step of chunk_states (2 or 4)
+FUSED_STATES = True  # (experiment) the forward scan reads k, v, g, s itself (chunk_states); else chunk_local + scan
+
+NUM_WARPS = {"local": 4, "states": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4}
+NUM_STAGES = {"local": 2, "states": 1, "scan": 3, "output": 2, "bwd_query": 3, "bwd_kv": 3}
 # (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster.)
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
 # (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped

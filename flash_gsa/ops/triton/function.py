@@ -16,7 +16,7 @@ import torch
 from . import config
 from .chunk_bwd import bwd_kv_kernel, bwd_query_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel
-from .scan import chunk_scan_kernel
+from .scan import chunk_scan_kernel, chunk_states_kernel
 
 
 @dataclass
@@ -142,8 +142,16 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     states = empty(NC, H, M, K + V, device=dev, dtype=low)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
-    _launch(chunk_local_kernel, (NC, H), k, v, g, s, b, b_last, states, *tables, **sizes)
-    final = _scan(states, states, b_last, init, layout, H, 1)
+    if config.FUSED_STATES:
+        final = empty(layout.cu_seqlens.numel() - 1, H, M, K + V, device=dev, dtype=f32)
+        BM, BN = min(config.BLOCK_SCAN_M, M), config.BLOCK_SCAN
+        grid = (config.cdiv(K, BN) + config.cdiv(V, BN), M // BM, final.shape[0] * H)
+        _launch(chunk_states_kernel, grid, k, v, g, s, b, b_last, init if init is not None else final, states, final,
+                layout.cu_seqlens, layout.chunk_offsets, layout.chunk_start, H=H, K=K, V=V, M=M, C=C, BM=BM, BN=BN,
+                STEP=config.STATES_STEP, HAS_INIT=init is not None)
+    else:
+        _launch(chunk_local_kernel, (NC, H), k, v, g, s, b, b_last, states, *tables, **sizes)
+        final = _scan(states, states, b_last, init, layout, H, 1)
     o = empty(T, HQ, V, device=dev, dtype=q.dtype)
     z = empty(T, HQ, M, device=dev, dtype=f32)
     lse = empty(T, HQ, device=dev, dtype=f32)
