@@ -50,15 +50,8 @@ VARIANTS = {
     "scan_n128": dict(BLOCK_SCAN=128),
     "scan_m64": dict(BLOCK_SCAN_M=64),
     "scan_m64w8": dict(BLOCK_SCAN_M=64, NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
-    # the forward scan: chunk_local + chunk_scan instead of chunk_states; chunk_states with 2 chunks per step (fewer
-    # registers), with pipelined loads, with 8 warps
-    "unfused": dict(FUSED_STATES=False),
-    "states_step2": dict(STATES_STEP=2),
-    "states_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "states": 2}),
-    "states_w8": dict(NUM_WARPS={**config.NUM_WARPS, "states": 8}),
 }
-TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN", "BLOCK_SCAN_M",
-            "FUSED_STATES", "STATES_STEP")
+TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN", "BLOCK_SCAN_M")
 
 
 SHAPES = {"h1024": 256, "h2048": 512}  # K = V per head, at H = 4, M = 64

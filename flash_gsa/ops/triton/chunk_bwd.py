@@ -18,7 +18,7 @@ other gradient. The state form has no such cancellation; the reverse scan forms 
 fp32 gradient it carries (`later`).
 The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1) and W = key_decay(p).
 Buffers written here: p, dzs and pz = p*dp + z*dz [T', HQ, M] fp32; Wd = key_decay(dzs) [NC, HQ, C, C] and
-Y [NC, HQ, M, K + V] in the state dtype; dg [T', H, M] fp32.
+Y [NC, HQ, M, K + V] in the state dtype; dg [T', H, M] in g's dtype (summed in fp32).
 """
 
 import triton

@@ -18,13 +18,13 @@ BLOCK_SCAN_M = 32  # ... and slots (rows). H200, T = 2048: 32 made the two scans
 # one mostly); 64 was slower than 32 (at 4 warps and at 8)
 # (Tried on the H200 and dropped: a sequential walk per direction that builds each chunk's contribution on the way
 # instead of chunk_local + the scan. Both directions took 0.82 / 1.29 ms at T = 2048 (hidden 1024 / 2048) against
-# 0.27 / 0.49 ms for local + scan, and 2.5-2.7 ms at T = 32768.)
+# 0.27 / 0.49 ms for local + scan, and 2.5-2.7 ms at T = 32768. Again, forward only, with four chunks' loads issued
+# ahead of the stores as in the scan (chunk_states, commit 1496c3c): 0.44 / 0.87 ms against 0.19 / 0.34 ms for local +
+# forward scan; with two chunks per step 0.40 / 0.76 ms; with pipelined loads or 8 warps slower still.)
 
-STATES_STEP = 4  # chunks per step of chunk_states (2 or 4)
-FUSED_STATES = True  # (experiment) the forward scan reads k, v, g, s itself (chunk_states); else chunk_local + scan
 
-NUM_WARPS = {"local": 4, "states": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4}
-NUM_STAGES = {"local": 2, "states": 1, "scan": 3, "output": 2, "bwd_query": 3, "bwd_kv": 3}
+NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4}
+NUM_STAGES = {"local": 2, "scan": 3, "output": 2, "bwd_query": 3, "bwd_kv": 3}
 # (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster.)
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
 # (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped

@@ -16,7 +16,7 @@ import torch
 from . import config
 from .chunk_bwd import bwd_kv_kernel, bwd_query_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel
-from .scan import chunk_scan_kernel, chunk_states_kernel
+from .scan import chunk_scan_kernel
 
 
 @dataclass
@@ -142,16 +142,8 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     states = empty(NC, H, M, K + V, device=dev, dtype=low)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
-    if config.FUSED_STATES:
-        final = empty(layout.cu_seqlens.numel() - 1, H, M, K + V, device=dev, dtype=f32)
-        BM, BN = min(config.BLOCK_SCAN_M, M), config.BLOCK_SCAN
-        grid = (config.cdiv(K, BN) + config.cdiv(V, BN), M // BM, final.shape[0] * H)
-        _launch(chunk_states_kernel, grid, k, v, g, s, b, b_last, init if init is not None else final, states, final,
-                layout.cu_seqlens, layout.chunk_offsets, layout.chunk_start, H=H, K=K, V=V, M=M, C=C, BM=BM, BN=BN,
-                STEP=config.STATES_STEP, HAS_INIT=init is not None)
-    else:
-        _launch(chunk_local_kernel, (NC, H), k, v, g, s, b, b_last, states, *tables, **sizes)
-        final = _scan(states, states, b_last, init, layout, H, 1)
+    _launch(chunk_local_kernel, (NC, H), k, v, g, s, b, b_last, states, *tables, **sizes)
+    final = _scan(states, states, b_last, init, layout, H, 1)
     o = empty(T, HQ, V, device=dev, dtype=q.dtype)
     z = empty(T, HQ, M, device=dev, dtype=f32)
     lse = empty(T, HQ, device=dev, dtype=f32)
@@ -160,8 +152,9 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     return o, final, (b, b_last, states, z, lse, W)
 
 
-def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: ChunkLayout):
-    """Gradients of q, k, v, s, g and of the initial state. d_final: gradient of the final state, or None."""
+def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: ChunkLayout, g_dtype: torch.dtype):
+    """Gradients of q, k, v, s, g (in g_dtype, cast from fp32 in the kernel) and of the initial state. d_final:
+    gradient of the final state, or None."""
     b, b_last, states, z, lse, W = saved
     T, HQ, K = q.shape
     H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
@@ -181,7 +174,7 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     d_init = _scan(Y, D, b_last, d_final, layout, H, G, forward=(states, final, later))
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
-    dg = empty(T, H, M, device=dev, dtype=f32)
+    dg = empty(T, H, M, device=dev, dtype=g_dtype)
     _launch(bwd_kv_kernel, (NC, H), q, k, v, s, b, b_last, D, later, do, W, Wd, p, dzs, pz, dk, dv, ds, dg, *tables,
             NT=later.shape[2], **sizes)
     return dq, dk, dv, ds, dg, d_init
