@@ -48,6 +48,10 @@ VARIANTS = {
     # state tiles of the scan: twice the slots (rows) or twice the columns per program (half the programs)
     "scan_m32": dict(BLOCK_SCAN_M=32),
     "scan_n128": dict(BLOCK_SCAN=128),
+    # 128-token chunks at M = 64: half the per-chunk states (the kernels move ~6 GB per fwd+bwd at hidden 2048, about
+    # 2.6 GB of it states), twice the intra-chunk work per token; 8 warps for the [C, C] tiles (4 spill 10-13 KB)
+    "chunk128w8": dict(CHUNK={**config.CHUNK, 64: 128}, NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8,
+                       "bwd_kv": 8}, NUM_STAGES={**config.NUM_STAGES, "output": 2, "bwd_query": 2, "bwd_kv": 2}),
     "scan_m64": dict(BLOCK_SCAN_M=64),
     "scan_m64w8": dict(BLOCK_SCAN_M=64, NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
 }
