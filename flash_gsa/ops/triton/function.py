@@ -8,8 +8,9 @@ Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv (per chunk).
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -17,6 +18,8 @@ from . import config
 from .chunk_bwd import bwd_kv_kernel, bwd_query_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel
 from .scan import chunk_scan_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass
@@ -78,24 +81,63 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _name(kernel) -> str:
-    """The kernel's key in config's tables: chunk_local_kernel -> "local", bwd_kv_kernel -> "bwd_kv"."""
-    return kernel.fn.__name__.removesuffix("_kernel").removeprefix("chunk_")
+@dataclass(frozen=True)
+class _KernelInfo:
+    name: str  # the kernel's key in config's tables: chunk_local_kernel -> "local", bwd_kv_kernel -> "bwd_kv"
+    arg_names: tuple[str, ...]
+    takes: frozenset[str]
+    tiled: bool  # takes K / V tile widths (BK, BV)
 
 
-def _tile(D: int, kernel) -> int:
-    """Width of the tiles of a K or V dimension of size D in `kernel`'s products (config.TILE, capped at D)."""
-    return min(config.TILE[_name(kernel)], max(config.MIN_TILE, config.next_power_of_2(D)))
+@cache
+def _info(kernel) -> _KernelInfo:
+    names = tuple(kernel.arg_names)
+    name = kernel.fn.__name__.removesuffix("_kernel").removeprefix("chunk_")
+    return _KernelInfo(name, names, frozenset(names), "BK" in names)
+
+
+def _tile(D: int, name: str) -> int:
+    """Width of the tiles of a K or V dimension of size D in kernel `name`'s products (config.TILE, capped at D)."""
+    return min(config.TILE[name], max(config.MIN_TILE, config.next_power_of_2(D)))
+
+
+def _specialization(x) -> object:
+    """What Triton specializes a runtime argument on: a tensor's dtype and 16-byte alignment, an integer's being 1 or
+    a multiple of 16 (and its width); floats and None as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype, x.data_ptr() % 16 == 0
+    if isinstance(x, bool) or x is None:
+        return x
+    if isinstance(x, int):
+        return x == 1, x % 16 == 0, -(2**31) <= x < 2**31
+    return type(x)
+
+
+# Compiled kernels by (kernel, device, specialization of the runtime arguments, compile-time sizes, warps, stages).
+# Triton's own launch path finds the same kernel by binding and specializing every argument again, which costs tens
+# of microseconds per launch in Python; with six launches per fwd+bwd that is host time the GPU waits for at small
+# sizes. The interpreter (TRITON_INTERPRET=1) compiles nothing: there every launch takes Triton's path.
+_COMPILED: dict[tuple, object] = {}
 
 
 def _launch(kernel, grid, *args, **sizes) -> None:
     """Launches `kernel` with the sizes among `sizes` that it takes, its K / V tile widths (BK, BV), and its warps and
-    stages from `config`."""
-    name = _name(kernel)
-    if "BK" in kernel.arg_names:
-        sizes = dict(sizes, BK=_tile(sizes["K"], kernel), BV=_tile(sizes["V"], kernel))
-    options = dict(num_warps=config.NUM_WARPS[name], num_stages=config.NUM_STAGES[name])
-    kernel[grid](*args, **{k: v for k, v in sizes.items() if k in kernel.arg_names}, **options)
+    stages from `config`. After the first launch of a specialization the compiled kernel is launched directly."""
+    info = _info(kernel)
+    if info.tiled:
+        sizes = dict(sizes, BK=_tile(sizes["K"], info.name), BV=_tile(sizes["V"], info.name))
+    const = {k: v for k, v in sizes.items() if k in info.takes}
+    warps, stages = config.NUM_WARPS[info.name], config.NUM_STAGES[info.name]
+    if INTERPRET:
+        kernel[grid](*args, **const, num_warps=warps, num_stages=stages)
+        return
+    device = next(a for a in args if isinstance(a, torch.Tensor)).device.index
+    key = (kernel, device, tuple(map(_specialization, args)), tuple(const.items()), warps, stages)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _COMPILED[key] = kernel[grid](*args, **const, num_warps=warps, num_stages=stages)
+    else:  # the launcher takes every argument in signature order, the compile-time ones included
+        compiled[grid](*args, *(const[name] for name in info.arg_names[len(args):]))
 
 
 def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:

@@ -1,0 +1,84 @@
+"""The triton backend's launch cache (`function._launch`): after the first launch of a specialization, the compiled
+kernel is launched directly, with every argument in signature order; anything Triton specializes on (a tensor's dtype
+or 16-byte alignment, an integer's being 1 or a multiple of 16, a compile-time size, warps, stages) compiles anew.
+Compiled kernels need a GPU, so a stand-in records what Triton would have been asked to do."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flash_gsa.ops.triton import config, function
+
+
+class _Compiled:
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("direct", grid, args))
+
+
+class _Kernel:
+    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` compiles (recorded) and returns the compiled one."""
+
+    def __init__(self, name, arg_names):
+        self.fn = SimpleNamespace(__name__=name)
+        self.arg_names = arg_names
+        self.log = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("compile", grid, args, kwargs))
+            return _Compiled(self.log)
+
+        return run
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    monkeypatch.setattr(function, "INTERPRET", False)
+    monkeypatch.setattr(function, "_COMPILED", {})
+    return _Kernel("chunk_output_kernel", ["x", "y", "n", "scale", "K", "V", "BK", "BV"])
+
+
+def test_second_launch_is_direct_with_constexprs_in_signature_order(kernel):
+    x, y = torch.randn(64), torch.randn(64)
+    function._launch(kernel, (3, 1), x, y, 7, 0.5, K=64, V=32, G=2)  # G: not taken by this kernel
+    function._launch(kernel, (5, 2), x, y, 7, 0.25, K=64, V=32, G=2)
+    (first, *_), second = kernel.log
+    assert first == "compile"
+    bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE, 32)
+    assert kernel.log[0][3] == dict(K=64, V=32, BK=bk, BV=bv, num_warps=config.NUM_WARPS["output"],
+                                    num_stages=config.NUM_STAGES["output"])
+    assert second == ("direct", (5, 2), (x, y, 7, 0.25, 64, 32, bk, bv))
+
+
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_16", "constexpr", "warps"])
+def test_what_triton_specializes_on_compiles_anew(kernel, monkeypatch, change):
+    buf = torch.randn(128)
+    x, y, n, sizes = buf[:64], torch.randn(64), 7, dict(K=64, V=64)
+    function._launch(kernel, (1,), x, y, n, 1.0, **sizes)
+    if change == "dtype":
+        y = y.double()
+    elif change == "alignment":
+        x = buf[1:65]  # 4 bytes past a 16-byte boundary
+    elif change == "int_one":
+        n = 1
+    elif change == "int_16":
+        n = 32
+    elif change == "constexpr":
+        sizes = dict(K=128, V=64)
+    else:
+        monkeypatch.setitem(config.NUM_WARPS, "output", 8)
+    function._launch(kernel, (1,), x, y, n, 1.0, **sizes)
+    function._launch(kernel, (1,), x, y, n, 1.0, **sizes)
+    assert [entry[0] for entry in kernel.log] == ["compile", "compile", "direct"]
+
+
+def test_interpreter_takes_tritons_path_every_time(kernel, monkeypatch):
+    monkeypatch.setattr(function, "INTERPRET", True)
+    x = torch.randn(64)
+    for _ in range(2):
+        function._launch(kernel, (1,), x, x, 3, 1.0, K=32, V=32)
+    assert [entry[0] for entry in kernel.log] == ["compile", "compile"]
