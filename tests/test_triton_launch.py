@@ -15,8 +15,8 @@ class _Compiled:
     def __init__(self, log):
         self.log = log
 
-    def __getitem__(self, grid):
-        return lambda *args: self.log.append(("direct", grid, args))
+    def __getitem__(self, grid):  # like Triton's CompiledKernel, which reads grid[0], grid[1] and grid[2]
+        return lambda *args: self.log.append(("direct", (grid[0], grid[1], grid[2]), args))
 
 
 class _Kernel:
@@ -51,7 +51,7 @@ def test_second_launch_is_direct_with_constexprs_in_signature_order(kernel):
     bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE, 32)
     assert kernel.log[0][3] == dict(K=64, V=32, BK=bk, BV=bv, num_warps=config.NUM_WARPS["output"],
                                     num_stages=config.NUM_STAGES["output"])
-    assert second == ("direct", (5, 2), (x, y, 7, 0.25, 64, 32, bk, bv))
+    assert second == ("direct", (5, 2, 1), (x, y, 7, 0.25, 64, 32, bk, bv))
 
 
 @pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_16", "constexpr", "warps"])

@@ -136,8 +136,8 @@ def _launch(kernel, grid, *args, **sizes) -> None:
     compiled = _COMPILED.get(key)
     if compiled is None:
         _COMPILED[key] = kernel[grid](*args, **const, num_warps=warps, num_stages=stages)
-    else:  # the launcher takes every argument in signature order, the compile-time ones included
-        compiled[grid](*args, *(const[name] for name in info.arg_names[len(args):]))
+    else:  # the launcher takes a 3-d grid and every argument in signature order, the compile-time ones included
+        compiled[(*grid, 1, 1)[:3]](*args, *(const[name] for name in info.arg_names[len(args):]))
 
 
 def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
