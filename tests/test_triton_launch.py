@@ -1,14 +1,14 @@
-"""The triton backend's launch cache (`function._launch`): after the first launch of a specialization, the compiled
-kernel is launched directly, with every argument in signature order; anything Triton specializes on (a tensor's dtype
-or 16-byte alignment, an integer's being 1 or a multiple of 16, a compile-time size, warps, stages) compiles anew.
-Compiled kernels need a GPU, so a stand-in records what Triton would have been asked to do."""
+"""The launch cache (`launch.launch`, used by `function._launch`): after the first launch of a specialization, the
+compiled kernel is launched directly, with every argument in signature order; anything Triton specializes on (a
+tensor's dtype or 16-byte alignment, an integer's being 1 or a multiple of 16, a compile-time size, warps, stages)
+compiles anew. Compiled kernels need a GPU, so a stand-in records what Triton would have been asked to do."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from flash_gsa.ops.triton import config, function
+from flash_gsa.ops.triton import config, function, launch
 
 
 class _Compiled:
@@ -37,8 +37,8 @@ class _Kernel:
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(function, "INTERPRET", False)
-    monkeypatch.setattr(function, "_COMPILED", {})
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "COMPILED", {})
     return _Kernel("chunk_output_kernel", ["x", "y", "n", "scale", "K", "V", "BK", "BV"])
 
 
@@ -77,7 +77,7 @@ def test_what_triton_specializes_on_compiles_anew(kernel, monkeypatch, change):
 
 
 def test_interpreter_takes_tritons_path_every_time(kernel, monkeypatch):
-    monkeypatch.setattr(function, "INTERPRET", True)
+    monkeypatch.setattr(launch, "INTERPRET", True)
     x = torch.randn(64)
     for _ in range(2):
         function._launch(kernel, (1,), x, x, 3, 1.0, K=32, V=32)

@@ -106,18 +106,18 @@ def offline_compilation(arch: int = 90) -> Iterator[list[tuple[str, dict, object
         compiled.append((self.fn.__name__, kwargs, kernel))
         return kernel
 
-    from ..ops.triton import function
+    from ..ops.triton import launch
 
     active = driver._active  # None until first use; reset_active() would fail on a machine without a GPU
     driver.set_active(_Target())
     JITFunction.run = compile_only
-    function._COMPILED.clear()  # every launch inside compiles (none is taken from, or left in, the launch cache)
+    launch.COMPILED.clear()  # every launch inside compiles (none is taken from, or left in, the launch cache)
     try:
         yield compiled
     finally:
         JITFunction.run = run
         driver._active = active
-        function._COMPILED.clear()
+        launch.COMPILED.clear()
 
 
 def training_kernel_resources(

@@ -8,7 +8,6 @@ Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv (per chunk).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -17,9 +16,8 @@ import torch
 from . import config
 from .chunk_bwd import bwd_kv_kernel, bwd_query_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel
+from .launch import launch
 from .scan import chunk_scan_kernel
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass
@@ -84,16 +82,14 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class _KernelInfo:
     name: str  # the kernel's key in config's tables: chunk_local_kernel -> "local", bwd_kv_kernel -> "bwd_kv"
-    arg_names: tuple[str, ...]
-    takes: frozenset[str]
+    takes: frozenset[str]  # its parameters
     tiled: bool  # takes K / V tile widths (BK, BV)
 
 
 @cache
 def _info(kernel) -> _KernelInfo:
-    names = tuple(kernel.arg_names)
     name = kernel.fn.__name__.removesuffix("_kernel").removeprefix("chunk_")
-    return _KernelInfo(name, names, frozenset(names), "BK" in names)
+    return _KernelInfo(name, frozenset(kernel.arg_names), "BK" in kernel.arg_names)
 
 
 def _tile(D: int, name: str) -> int:
@@ -101,43 +97,14 @@ def _tile(D: int, name: str) -> int:
     return min(config.TILE[name], max(config.MIN_TILE, config.next_power_of_2(D)))
 
 
-def _specialization(x) -> object:
-    """What Triton specializes a runtime argument on: a tensor's dtype and 16-byte alignment, an integer's being 1 or
-    a multiple of 16 (and its width); floats and None as they are."""
-    if isinstance(x, torch.Tensor):
-        return x.dtype, x.data_ptr() % 16 == 0
-    if isinstance(x, bool) or x is None:
-        return x
-    if isinstance(x, int):
-        return x == 1, x % 16 == 0, -(2**31) <= x < 2**31
-    return type(x)
-
-
-# Compiled kernels by (kernel, device, specialization of the runtime arguments, compile-time sizes, warps, stages).
-# Triton's own launch path finds the same kernel by binding and specializing every argument again, which costs tens
-# of microseconds per launch in Python; with six launches per fwd+bwd that is host time the GPU waits for at small
-# sizes. The interpreter (TRITON_INTERPRET=1) compiles nothing: there every launch takes Triton's path.
-_COMPILED: dict[tuple, object] = {}
-
-
 def _launch(kernel, grid, *args, **sizes) -> None:
-    """Launches `kernel` with the sizes among `sizes` that it takes, its K / V tile widths (BK, BV), and its warps and
-    stages from `config`. After the first launch of a specialization the compiled kernel is launched directly."""
+    """Launches `kernel` (through the launch cache) with the sizes among `sizes` that it takes, its K / V tile widths
+    (BK, BV), and its warps and stages from `config`."""
     info = _info(kernel)
     if info.tiled:
         sizes = dict(sizes, BK=_tile(sizes["K"], info.name), BV=_tile(sizes["V"], info.name))
     const = {k: v for k, v in sizes.items() if k in info.takes}
-    warps, stages = config.NUM_WARPS[info.name], config.NUM_STAGES[info.name]
-    if INTERPRET:
-        kernel[grid](*args, **const, num_warps=warps, num_stages=stages)
-        return
-    device = next(a for a in args if isinstance(a, torch.Tensor)).device.index
-    key = (kernel, device, tuple(map(_specialization, args)), tuple(const.items()), warps, stages)
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = kernel[grid](*args, **const, num_warps=warps, num_stages=stages)
-    else:  # the launcher takes a 3-d grid and every argument in signature order, the compile-time ones included
-        compiled[(*grid, 1, 1)[:3]](*args, *(const[name] for name in info.arg_names[len(args):]))
+    launch(kernel, grid, args, const, config.NUM_WARPS[info.name], config.NUM_STAGES[info.name])
 
 
 def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
