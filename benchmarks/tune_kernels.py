@@ -45,8 +45,9 @@ VARIANTS = {
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
     # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
     "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_kv": 8}),
-    # state tiles of the scan: twice the slots (rows) or twice the columns per program (half the programs)
-    "scan_m32": dict(BLOCK_SCAN_M=32),
+    # state tiles of the scan: half the slots (rows; the default before the H200 run that chose 32) or twice the
+    # columns per program (half the programs)
+    "scan_m16": dict(BLOCK_SCAN_M=16),
     "scan_n128": dict(BLOCK_SCAN=128),
     # 128-token chunks at M = 64: half the per-chunk states (the kernels move ~6 GB per fwd+bwd at hidden 2048, about
     # 2.6 GB of it states), twice the intra-chunk work per token; 8 warps for the [C, C] tiles (4 spill 10-13 KB)

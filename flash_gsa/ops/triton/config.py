@@ -22,7 +22,6 @@ BLOCK_SCAN_M = 32  # ... and slots (rows). H200, T = 2048: 32 made the two scans
 # ahead of the stores as in the scan (chunk_states, commit 1496c3c): 0.44 / 0.87 ms against 0.19 / 0.34 ms for local +
 # forward scan; with two chunks per step 0.40 / 0.76 ms; with pipelined loads or 8 warps slower still.)
 
-
 NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4}
 NUM_STAGES = {"local": 2, "scan": 3, "output": 2, "bwd_query": 3, "bwd_kv": 3}
 # (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster.)

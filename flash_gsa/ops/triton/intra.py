@@ -27,16 +27,14 @@ the pointer arguments (`*_rows` point at row 0 of the chunk, `stride` is the row
 last chunk). b always comes from the per-chunk scratch buffer, which has all C rows.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-from . import config
+from . import config, launch
 
 # Triton 3.6's interpreter multiplies bf16 operands of tl.dot wrongly; bf16 products are exact in fp32, so under the
 # interpreter the operands are upcast, which computes the same thing.
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+INTERPRET = tl.constexpr(launch.INTERPRET)
 
 FAST_DECAY_LIMIT = tl.constexpr(config.FAST_DECAY_LIMIT)
 
