@@ -25,6 +25,7 @@ import triton.language as tl
 
 from . import config
 from .function import device_guard
+from .launch import launch
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -182,12 +183,10 @@ def launch_decode_kernel(q, k, v, g, s, scale: float, hk0, hv0, hk1, hv1, o, cu_
     H, V, M = k.shape[2], v.shape[3], g.shape[3]
     G = HQ // H
     BG, BM = config.next_power_of_2(G), config.next_power_of_2(M)
-    return _gsa_decode_kernel[(N * H,)](
-        q, k, v, g, s, hk0, hv0, hk1, hv1, o, cu_seqlens, scale, T,
-        H=H, G=G, K=K, V=V, M=M, BG=BG, BK=_tile(K, BG, BM), BV=_tile(V, BG, BM), BM=BM,
-        VARLEN=cu_seqlens is not None, HAS_H0=hk0 is not None, STORE=store,
-        num_warps=config.DECODE_NUM_WARPS, num_stages=config.DECODE_NUM_STAGES,
-    )
+    const = dict(H=H, G=G, K=K, V=V, M=M, BG=BG, BK=_tile(K, BG, BM), BV=_tile(V, BG, BM), BM=BM,
+                 VARLEN=cu_seqlens is not None, HAS_H0=hk0 is not None, STORE=store)
+    return launch(_gsa_decode_kernel, (N * H,), (q, k, v, g, s, hk0, hv0, hk1, hv1, o, cu_seqlens, scale, T), const,
+                  config.DECODE_NUM_WARPS, config.DECODE_NUM_STAGES)
 
 
 def _check(name: str, x, rank: int) -> None:
