@@ -45,18 +45,18 @@ VARIANTS = {
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
     # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
     "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_kv": 8}),
-    # state tiles of the scan: half the slots (rows; the default before the H200 run that chose 32) or twice the
-    # columns per program (half the programs)
-    "scan_m16": dict(BLOCK_SCAN_M=16),
+    # state tiles of the scan: rows (slots) whatever the number of programs, or twice the columns per program
+    "scan_rows32": dict(BLOCK_SCAN_M=(32, 32)),
+    "scan_rows64": dict(BLOCK_SCAN_M=(64, 64)),
+    "scan_rows16": dict(BLOCK_SCAN_M=(16, 64)),
     "scan_n128": dict(BLOCK_SCAN=128),
     # 128-token chunks at M = 64: half the per-chunk states (the kernels move ~6 GB per fwd+bwd at hidden 2048, about
     # 2.6 GB of it states), twice the intra-chunk work per token; 8 warps for the [C, C] tiles (4 spill 10-13 KB)
     "chunk128w8": dict(CHUNK={**config.CHUNK, 64: 128}, NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8,
                        "bwd_kv": 8}, NUM_STAGES={**config.NUM_STAGES, "output": 2, "bwd_query": 2, "bwd_kv": 2}),
-    "scan_m64": dict(BLOCK_SCAN_M=64),
-    "scan_m64w8": dict(BLOCK_SCAN_M=64, NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
 }
-TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN", "BLOCK_SCAN_M")
+TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN", "BLOCK_SCAN_M",
+            "SCAN_MANY_PROGRAMS")
 
 
 SHAPES = {"h1024": 256, "h2048": 512}  # K = V per head, at H = 4, M = 64

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import flash_gsa
 import flash_gsa.ops.triton.function as function
+from flash_gsa.ops.triton import config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -138,7 +139,19 @@ def check(name, actual, expected, seed, tol, norm):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(device, seed, poison, name):
-    c = CASES[name]
+    check_case(CASES[name], device, seed, poison)
+
+
+@pytest.mark.parametrize("rows", [(16, 16), (64, 64)])
+def test_scan_tile_heights(device, seed, poison, monkeypatch, rows):
+    """The scan's state tiles: 16 and 64 slots per program (the cases above take 32 or M; 64 is chosen only when
+    there are many walks)."""
+    monkeypatch.setattr(config, "BLOCK_SCAN_M", rows)
+    monkeypatch.setattr(config, "SCAN_MANY_PROGRAMS", 0)
+    check_case(CASES["varlen-T260-M64-G2"], device, seed, poison)
+
+
+def check_case(c: Case, device, seed, poison):
     inputs, h0 = make_inputs(c, device)
     cu = None
     if c.lengths is not None:

@@ -8,8 +8,9 @@ Gradients, per chunk (same notation as chunk_fwd; dz = gradient of the logits, d
     ds  = value_decay_t(q k^T, dzs) + value_decay_t(do v^T, p) + exp(b_last - b) * (k @ dhk_out + v @ dhv_out^T)
     dg_t = sum over the later tokens t' >= t of t's chunk of  db = p * dp + z * dz - s * ds,
            + <S_next, dh_out>, summed over K + V (per slot)
-where dh*_out is the gradient of the state leaving the chunk, found by a reverse scan (scan.py) of the per-chunk
-gradients Y = [(dzs * exp(b))^T q | (p * exp(b))^T do] (of the state entering the chunk, from its own outputs).
+where dh*_out is the gradient of the state leaving the chunk, found by a reverse scan (scan.py) that adds each
+chunk's own gradient of the state entering it, [(dzs * exp(b))^T q | (p * exp(b))^T do], from the weights
+wq = dzs * exp(b) and wdo = p * exp(b) that bwd_query writes.
 The last term of dg is what every later token adds, sum_{t' after the chunk} db_t' = dL/dg of the next chunk's first
 token = <state leaving the chunk (S_next: the next chunk's entering state, or the final one), its gradient dh_out>.
 Summing db over all later tokens of the sequence instead (a reverse cumulative sum across chunks) cancels terms that
@@ -17,8 +18,8 @@ are much larger than the result: with bf16 operands that left dg 7.4e-2 off at T
 other gradient. The state form has no such cancellation; the reverse scan forms it, per column tile, from the
 fp32 gradient it carries (`later`).
 The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1) and W = key_decay(p).
-Buffers written here: p, dzs and pz = p*dp + z*dz [T', HQ, M] fp32; Wd = key_decay(dzs) [NC, HQ, C, C] and
-Y [NC, HQ, M, K + V] in the state dtype; dg [T', H, M] in g's dtype (summed in fp32).
+Buffers written here: p, dzs and pz = p*dp + z*dz [T', HQ, M] fp32; Wd = key_decay(dzs) [NC, HQ, C, C] in the
+state dtype; wq and wdo [NC, HQ, C, M] in q's dtype; dg [T', H, M] in g's dtype (summed in fp32).
 """
 
 import triton
@@ -30,7 +31,6 @@ from .tiles import chunk_block, chunk_span, load_slots, load_tile, state_tile, s
 
 @triton.jit
 def bwd_query_kernel(
-    q,
     k,
     v,
     s,
@@ -44,7 +44,8 @@ def bwd_query_kernel(
     dzs_buf,
     pz_buf,
     Wd_buf,
-    Y,
+    wq_buf,
+    wdo_buf,
     cu_seqlens,
     chunk_seq,
     chunk_start,
@@ -61,7 +62,8 @@ def bwd_query_kernel(
     LOWP: tl.constexpr,
 ):
     """One program per (chunk, query head). Reads the forward's logits z and lse (p = exp(z - lse)), s, b, the
-    states S entering the chunk, v, do, q, k. Writes dq, p, dzs, pz, Wd = key_decay(dzs) and Y."""
+    states S entering the chunk, v, do and k. Writes dq, p, dzs, pz, Wd = key_decay(dzs) and the scan's weights
+    wq = dzs * exp(b) and wdo = p * exp(b) (0 past the sequence's end)."""
     c = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
@@ -89,26 +91,21 @@ def bwd_query_kernel(
     store_slots(dzs_buf, dzs, t0, hq, HQ, n_rows, C, M)
     z = load_slots(z_buf, t0, hq, HQ, n_rows, C, M)  # loaded again rather than kept: fewer live registers
     store_slots(pz_buf, p * dp + z * dz, t0, hq, HQ, n_rows, C, M)
-    pe = tl.trans(p * tl.exp(b)).to(do.dtype.element_ty)
-    for v0 in range(0, V, BV):
-        ptrs, mask = state_tile(Y, c, hq, HQ, M, K + V, K, V, v0, BV)
-        tl.store(ptrs, dot(pe, load_tile(do, t0, hq, HQ, V, v0, n_rows, C, BV)).to(Y.dtype.element_ty), mask=mask)
+    tl.store(chunk_block(wdo_buf, c, hq, HQ, C, M), (p * tl.exp(b)).to(wdo_buf.dtype.element_ty))
 
     write = load_slots(s, t0, h, H, n_rows, C, M)  # s and b loaded again rather than kept through the loop
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     tl.store(chunk_block(Wd_buf, c, hq, HQ, C, C), Wd.to(Wd_buf.dtype.element_ty))
 
-    dze = (dzs * tl.exp(b)).to(q.dtype.element_ty)
-    Wd = Wd.to(q.dtype.element_ty)
+    dze = (dzs * tl.exp(b)).to(k.dtype.element_ty)
+    tl.store(chunk_block(wq_buf, c, hq, HQ, C, M), dze.to(wq_buf.dtype.element_ty))
+    Wd = Wd.to(k.dtype.element_ty)
     for k0 in range(0, K, BK):
-        qt = load_tile(q, t0, hq, HQ, K, k0, n_rows, C, BK)
         ptrs, mask = state_tile(S, c, h, H, M, K + V, 0, K, k0, BK)
-        hk = tl.load(ptrs, mask=mask, other=0.0).to(qt.dtype)
+        hk = tl.load(ptrs, mask=mask, other=0.0).to(dze.dtype)
         store_tile(dq, dot(dze, hk) + dot(Wd, load_tile(k, t0, h, H, K, k0, n_rows, C, BK)), t0, hq, HQ, K, k0,
                    n_rows, C, BK)
-        ptrs, mask = state_tile(Y, c, hq, HQ, M, K + V, 0, K, k0, BK)
-        tl.store(ptrs, dot(tl.trans(dze), qt).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit

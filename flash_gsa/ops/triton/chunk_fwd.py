@@ -1,10 +1,11 @@
-"""Forward kernels of the chunked GSA: chunk-local states and the outputs (scan.py carries the states across
-chunks in between).
+"""Forward kernels of the chunked GSA: the chunk-local gates and the outputs (scan.py forms the states entering
+each chunk in between).
 
 Layouts (all contiguous; T' = tokens of all sequences packed; NC = chunks of all sequences):
     q [T', HQ, K], k [T', H, K], v [T', H, V], g, s [T', H, M], o [T', HQ, V]
     b      [NC, H, C, M] fp32: cumulative log-gate inside each chunk (rows past a short chunk's end repeat its last)
     b_last [NC, H, M]    fp32: log-decay over the whole chunk
+    w      [NC, H, C, M] in k's dtype: the weights with which each token enters the state leaving its chunk
     S      [NC, H, M, K + V]: both states side by side, slot-major: S[..., :K] = hk^T, S[..., K:] = hv (bf16 for
            16-bit inputs, else fp32; see function.state_dtype)
     z [T', HQ, M] fp32 and lse [T', HQ] fp32: the slot logits and their log-sum-exp; W [NC, HQ, C, C]: pass-2
@@ -21,26 +22,21 @@ from .tiles import chunk_block, chunk_span, load_slots, load_tile, state_tile, s
 
 @triton.jit
 def chunk_local_kernel(
-    k,
-    v,
     g,
     s,
     b_buf,
     b_last,
-    X,
+    w_buf,
     cu_seqlens,
     chunk_seq,
     chunk_start,
     H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
     M: tl.constexpr,
     C: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
 ):
-    """One program per (chunk, kv-head). Reads g, s, k, v of the chunk. Writes b and b_last, and the chunk's own
-    contribution to the state entering the next chunk: X = w^T [k | v] with w = s * exp(b_last - b)."""
+    """One program per (chunk, kv-head). Reads g and s of the chunk. Writes b, b_last and the weights with which the
+    chunk's tokens enter the state leaving it, w = s * exp(b_last - b) [NC, H, C, M] in w_buf's dtype (0 past the
+    sequence's end): the scan adds w^T [k | v] to the state."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
@@ -49,13 +45,8 @@ def chunk_local_kernel(
     tl.store(chunk_block(b_buf, c, h, H, C, M), b)
     last = tl.sum(gate, axis=0)  # = b's last row
     tl.store(b_last + (c * H + h) * M + tl.arange(0, M), last)
-    wt = tl.trans(load_slots(s, t0, h, H, n_rows, C, M) * tl.exp(last[None, :] - b)).to(k.dtype.element_ty)  # [M, C]
-    for k0 in range(0, K, BK):
-        ptrs, mask = state_tile(X, c, h, H, M, K + V, 0, K, k0, BK)
-        tl.store(ptrs, dot(wt, load_tile(k, t0, h, H, K, k0, n_rows, C, BK)).to(X.dtype.element_ty), mask=mask)
-    for v0 in range(0, V, BV):
-        ptrs, mask = state_tile(X, c, h, H, M, K + V, K, V, v0, BV)
-        tl.store(ptrs, dot(wt, load_tile(v, t0, h, H, V, v0, n_rows, C, BV)).to(X.dtype.element_ty), mask=mask)
+    w = load_slots(s, t0, h, H, n_rows, C, M) * tl.exp(last[None, :] - b)
+    tl.store(chunk_block(w_buf, c, h, H, C, M), w.to(w_buf.dtype.element_ty))
 
 
 @triton.jit

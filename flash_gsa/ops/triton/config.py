@@ -8,14 +8,17 @@ SUB = 64  # sub-chunk inside a chunk: pairs within one are taken exactly, across
 # chunk: the fast path then takes one matrix product per intra-chunk form (four at 16), the exact path one pass per
 # diagonal (64); only chunks that decay by more than FAST_DECAY_LIMIT take the latter.
 FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
-TILE = {"local": 64, "output": 128, "bwd_query": 64, "bwd_kv": 64}  # width of the K and V tiles each kernel's
+TILE = {"output": 128, "bwd_query": 64, "bwd_kv": 64}  # width of the K and V tiles each kernel's
 # matrix products take (capped at K or V). From the H200 sweeps (benchmarks/tune_kernels.py, K = V = 256 and 512):
-# 128 made output 6-28% faster; bwd_kv (with the gate gradients) was 27-51% slower at 128 (more spills); local: a tie.
-MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 tiles, chunk_local as compiled by Triton
-# 3.6 for an H200 reads invalid shared memory in its tensor-core product (compute-sanitizer), then faults
+# 128 made output 6-28% faster; bwd_kv (with the gate gradients) was 27-51% slower at 128 (more spills).
+MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 tiles, the products of [M, C] @ [C, 16]
+# as compiled by Triton 3.6 for an H200 read invalid shared memory (compute-sanitizer), then fault
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
-BLOCK_SCAN_M = 32  # ... and slots (rows). H200, T = 2048: 32 made the two scans 21-22% faster than 16 (the reversed
-# one mostly); 64 was slower than 32 (at 4 warps and at 8)
+BLOCK_SCAN_M = (32, 64)  # ... and slots (rows): the second when that still makes SCAN_MANY_PROGRAMS programs, else
+SCAN_MANY_PROGRAMS = 256  # the first. H200, both scans, whose walks form each chunk's product on the tensor cores:
+# 64 rows took 0.25 / 0.48 ms against 0.32 / 0.62 ms for 32 at T = 2048 (hidden 1024 / 2048; 512 / 1024 programs at
+# 64 rows), 0.35 / 0.49 against 0.32 / 0.62 at T = 8192 (128 / 256 programs) and 1.19 / 1.21 against 0.92 / 0.99 at
+# T = 32768 (32 / 64 programs): each walk is latency-bound, so the fewer the walks the more their tiles should split.
 # (Tried on the H200 and dropped: a sequential walk per direction that builds each chunk's contribution on the way
 # instead of chunk_local + the scan. Both directions took 0.82 / 1.29 ms at T = 2048 (hidden 1024 / 2048) against
 # 0.27 / 0.49 ms for local + scan, and 2.5-2.7 ms at T = 32768. Again, forward only, with four chunks' loads issued
@@ -23,8 +26,9 @@ BLOCK_SCAN_M = 32  # ... and slots (rows). H200, T = 2048: 32 made the two scans
 # forward scan; with two chunks per step 0.40 / 0.76 ms; with pipelined loads or 8 warps slower still.)
 
 NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4}
-NUM_STAGES = {"local": 2, "scan": 3, "output": 2, "bwd_query": 3, "bwd_kv": 3}
-# (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster.)
+NUM_STAGES = {"local": 1, "scan": 1, "output": 2, "bwd_query": 3, "bwd_kv": 3}
+# (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster. local has no loop; the scan issues
+# its loads ahead by hand, which left nothing for Triton's pipelining to take.)
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
 # (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped
 # heads), which the interpreter cannot see. (On an H100, 8 warps had been 15-25% faster at M = 64; on the H200, with

@@ -122,20 +122,37 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
     )
 
 
-def _scan(X, out, b_last, init, layout: ChunkLayout, H: int, G: int, forward=None):
-    """Runs chunk_scan_kernel; returns the [N, H, M, K + V] state after the last chunk (the first, when reversed).
-    Reversed when `forward` = (the forward's states, its final state, the `later` buffer [NC, H, NT, M] to fill) is
-    given."""
-    M, KV = X.shape[-2], X.shape[-1]
+def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, forward=None):
+    """Runs chunk_scan_kernel over the chunks' products w^T x: w = (weights of the hk^T part, of the hv part)
+    [NC, H * G, C, M], x = (their tokens [T', H * G, K], [T', H * G, V]). Writes `out` [NC, H, M, K + V]; returns
+    the [N, H, M, K + V] fp32 state after the last chunk (the first, when reversed). Reversed when `forward` = (the
+    forward's states, its final state, the `later` buffer [NC, H, scan_tiles, M] to fill) is given."""
+    M, K, V = out.shape[-2], x[0].shape[-1], x[1].shape[-1]
     n_seq = layout.cu_seqlens.numel() - 1
-    final = empty(n_seq, H, M, KV, device=X.device, dtype=torch.float32)
-    BM = min(config.BLOCK_SCAN_M, M)
-    grid = (config.cdiv(KV, config.BLOCK_SCAN), M // BM, n_seq * H)
+    final = empty(n_seq, H, M, K + V, device=out.device, dtype=torch.float32)
+    BN = _scan_width(K, V)
+    tiles = config.cdiv(K, BN) + config.cdiv(V, BN)
+    BM = min(config.BLOCK_SCAN_M[1], M)
+    if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
+        BM = min(config.BLOCK_SCAN_M[0], M)
+    grid = (tiles, M // BM, n_seq * H)
     states, states_final, later = forward if forward is not None else (final, final, final)  # (unread if forward)
-    _launch(chunk_scan_kernel, grid, X, out, b_last, init if init is not None else final, final, states,
-            states_final, later, layout.chunk_offsets, H=H, G=G, M=M, KV=KV, BM=BM, BN=config.BLOCK_SCAN,
-            REVERSE=forward is not None, HAS_INIT=init is not None)
+    _launch(chunk_scan_kernel, grid, w[0], x[0], w[1], x[1], out, b_last, init if init is not None else final, final,
+            states, states_final, later, layout.cu_seqlens, layout.chunk_offsets, H=H, G=G, K=K, V=V, M=M,
+            C=layout.chunk, BM=BM, BN=BN, REVERSE=forward is not None,
+            HAS_INIT=init is not None)
     return final
+
+
+def _scan_width(K: int, V: int) -> int:
+    """Columns of one scan tile (config.BLOCK_SCAN, capped at K and V's widths)."""
+    return min(config.BLOCK_SCAN, max(config.MIN_TILE, config.next_power_of_2(max(K, V))))
+
+
+def scan_tiles(K: int, V: int) -> int:
+    """Column tiles of the scan (the K part's, then the V part's)."""
+    BN = _scan_width(K, V)
+    return config.cdiv(K, BN) + config.cdiv(V, BN)
 
 
 def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
@@ -148,11 +165,12 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     dev, f32, low = q.device, torch.float32, state_dtype(q.dtype)
     b = empty(NC, H, C, M, device=dev, dtype=f32)
     b_last = empty(NC, H, M, device=dev, dtype=f32)
+    w = empty(NC, H, C, M, device=dev, dtype=k.dtype)
     states = empty(NC, H, M, K + V, device=dev, dtype=low)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
-    _launch(chunk_local_kernel, (NC, H), k, v, g, s, b, b_last, states, *tables, **sizes)
-    final = _scan(states, states, b_last, init, layout, H, 1)
+    _launch(chunk_local_kernel, (NC, H), g, s, b, b_last, w, *tables, **sizes)
+    final = _scan((w, w), (k, v), states, b_last, init, layout, H, 1)
     o = empty(T, HQ, V, device=dev, dtype=q.dtype)
     z = empty(T, HQ, M, device=dev, dtype=f32)
     lse = empty(T, HQ, device=dev, dtype=f32)
@@ -175,12 +193,12 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     dq = empty(*q.shape, device=dev, dtype=q.dtype)
     p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=f32) for _ in range(3))
     Wd = empty(NC, HQ, C, C, device=dev, dtype=low)
-    Y = empty(NC, HQ, M, K + V, device=dev, dtype=low)
-    _launch(bwd_query_kernel, (NC, HQ), q, k, v, s, b, states, do, z, lse, dq, p, dzs, pz, Wd, Y, *tables, scale,
+    wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
+    _launch(bwd_query_kernel, (NC, HQ), k, v, s, b, states, do, z, lse, dq, p, dzs, pz, Wd, wq, wdo, *tables, scale,
             **sizes)
-    D = Y if G == 1 else empty(NC, H, M, K + V, device=dev, dtype=Y.dtype)
-    later = empty(NC, H, config.cdiv(K + V, config.BLOCK_SCAN), M, device=dev, dtype=f32)
-    d_init = _scan(Y, D, b_last, d_final, layout, H, G, forward=(states, final, later))
+    D = empty(NC, H, M, K + V, device=dev, dtype=low)
+    later = empty(NC, H, scan_tiles(K, V), M, device=dev, dtype=f32)
+    d_init = _scan((wq, wdo), (q, do), D, b_last, d_final, layout, H, G, forward=(states, final, later))
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
     dg = empty(T, H, M, device=dev, dtype=g_dtype)

@@ -1,44 +1,22 @@
 """The scan across chunks, forward (the states entering each chunk) and reversed (the gradients of the states
-leaving each chunk). Layouts as in chunk_fwd: per-chunk states [NC, heads, M, K + V], b_last [NC, H, M] fp32."""
+leaving each chunk). What each chunk adds to the state is formed on the way, as a product on the tensor cores from
+the chunk's tokens and a [C, M] weight per token, rather than read from a per-chunk [M, K + V] buffer that another
+kernel would have to write first. Layouts as in chunk_fwd: per-chunk states [NC, H, M, K + V], b_last [NC, H, M]
+fp32, weights [NC, H * G, C, M]."""
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _scan_load(X, b_last, c, live, h, tile, mask, rows, H: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
-               KV: tl.constexpr, REVERSE: tl.constexpr, states, states_final, nh, final_chunk):
-    """What chunk c brings to a scan tile: x = the sum over the G heads of X[c] and the decay exp(b_last[c]).
-    When not live (past the sequence's end): x = 0 and decay 1, a step that changes nothing. Reversed, also the
-    state leaving c (fp32): the forward's state entering c + 1, or the final one after the sequence's last chunk."""
-    x = tl.zeros(tile.shape, dtype=tl.float32)
-    for j in tl.static_range(G):
-        x += tl.load(X + (c * H * G + h * G + j) * M * KV + tile, mask=mask & live, other=0.0).to(tl.float32)
-    decay = tl.exp(tl.load(b_last + (c * H + h) * M + rows, mask=live, other=0.0))
-    if REVERSE:
-        last_chunk = c == final_chunk
-        leaving = tl.load(states + ((c + 1) * H + h) * M * KV + tile, mask=mask & live & (last_chunk == 0),
-                          other=0.0).to(tl.float32)
-        leaving += tl.load(states_final + nh * M * KV + tile, mask=mask & live & last_chunk, other=0.0)
-    else:
-        leaving = x  # not used forward
-    return x, decay, leaving
-
-
-@triton.jit
-def _scan_step(out, S, x, decay, leaving, c, live, h, tile, mask, rows, H: tl.constexpr, M: tl.constexpr,
-               KV: tl.constexpr, REVERSE: tl.constexpr, later, NT: tl.constexpr):
-    """Writes S as the state of chunk c (if live) and returns the next one, S * decay + x. Reversed, also writes this
-    tile's share of <state leaving chunk c, its gradient S> (a sum over the tile's columns) to later."""
-    tl.store(out + (c * H + h) * M * KV + tile, S.to(out.dtype.element_ty), mask=mask & live)
-    if REVERSE:
-        tl.store(later + ((c * H + h) * NT + tl.program_id(0)) * M + rows, tl.sum(leaving * S, axis=1), mask=live)
-    return S * decay[:, None] + x
+from .intra import dot
+from .tiles import load_tile
 
 
 @triton.jit
 def chunk_scan_kernel(
-    X,
+    wk,
+    xk,
+    wv,
+    xv,
     out,
     b_last,
     init,
@@ -46,57 +24,131 @@ def chunk_scan_kernel(
     states,
     states_final,
     later,
+    cu_seqlens,
     chunk_offsets,
     H: tl.constexpr,
     G: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
     M: tl.constexpr,
-    KV: tl.constexpr,
+    C: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_INIT: tl.constexpr,
 ):
     """One program per (tile [BM slots, BN columns] of the state, sequence x kv-head), walking the sequence's chunks
-    in order (REVERSE: backwards). With x_c = the sum over the G heads of the group of X[c]:
+    in order (REVERSE: backwards). With x_c = sum over the group's G heads j of w_j[c]^T x_j[c] ([M, C] @ [C, BN]):
         out[c] = S;  S = S * exp(b_last[c]) + x_c       starting from S = init (or 0); final = S at the end.
-    Forward: X = chunk contributions, out = states entering each chunk (may alias X when G == 1).
-    Backward: X = state gradients from each chunk's outputs, out = gradients of the state leaving each chunk (may
-    alias X when G == 1); also writes later [NC, H, NT, M] fp32 (NT = column tiles): each tile's share of <state
-    leaving the chunk, its gradient>, from the forward's `states` and `states_final` (bwd_kv adds the shares up).
-    The walk is latency-bound (each step waits for its loads), so it takes four chunks per step: their loads (twelve
-    reversed) are issued together, then the four updates run. (Loads of the leaving states placed after each
-    step's store made the reversed scan 3-5x slower on the H200: a load may not pass an earlier store.)"""
+    The first cdiv(K, BN) column tiles walk the hk^T part (weights wk, tokens xk [T', H * G, K]), the others the hv
+    part (wv, xv [T', H * G, V]).
+    Forward (G = 1): w = s * exp(b_last - b) (chunk_local), x = k and v; out = the states entering each chunk.
+    Reversed: w = dzs * exp(b) with x = q, and p * exp(b) with x = do (bwd_query): the gradient of the state entering
+    the chunk from the chunk's own outputs; out = the gradients of the states leaving each chunk. Also writes
+    later [NC, H, NT, M] fp32 (NT = column tiles): each tile's share of <state leaving the chunk, its gradient>, from
+    the forward's `states` and `states_final` (bwd_kv adds the shares up)."""
+    NK: tl.constexpr = (K + BN - 1) // BN
+    if tl.program_id(0) < NK:
+        _walk(wk, xk, out, b_last, init, final, states, states_final, later, cu_seqlens, chunk_offsets,
+              tl.program_id(0) * BN, 0, K, H, G, K + V, M, C, BM, BN, REVERSE, HAS_INIT)
+    else:
+        _walk(wv, xv, out, b_last, init, final, states, states_final, later, cu_seqlens, chunk_offsets,
+              (tl.program_id(0) - NK) * BN, K, V, H, G, K + V, M, C, BM, BN, REVERSE, HAS_INIT)
+
+
+@triton.jit
+def _walk(w, x, out, b_last, init, final, states, states_final, later, cu_seqlens, chunk_offsets, d0,
+          start: tl.constexpr, width: tl.constexpr, H: tl.constexpr, G: tl.constexpr, KV: tl.constexpr,
+          M: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr,
+          HAS_INIT: tl.constexpr):
+    """chunk_scan_kernel's walk over columns start + d0 .. start + d0 + BN of the state (masked past `width`).
+    Only S carries from one chunk to the next; the walk is bound by the latency of each chunk's loads. So it goes two
+    chunks per step, and a step first issues the loads of the next two chunks, then updates S with the two whose
+    loads the previous step issued (four chunks' loads in flight). (Loads issued after a step's stores made the
+    reversed scan 3-5x slower on the H200: a load may not pass an earlier store.)"""
     nh = tl.program_id(2)
     n = nh // H
     h = nh % H
-    NT: tl.constexpr = (KV + BN - 1) // BN
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    tile = rows[:, None] * KV + cols[None, :]
-    mask = (cols < KV)[None, :]
+    tile = rows[:, None] * KV + start + d0 + tl.arange(0, BN)[None, :]
+    mask = (d0 + tl.arange(0, BN) < width)[None, :]
     lo = tl.load(chunk_offsets + n)
-    n_chunks = tl.load(chunk_offsets + n + 1) - lo
+    seq = (lo, tl.load(chunk_offsets + n + 1) - lo, tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1))
     if HAS_INIT:
         S = tl.load(init + nh * M * KV + tile, mask=mask, other=0.0)
     else:
         S = tl.zeros([BM, BN], dtype=tl.float32)
-    for p in range(0, n_chunks, 4):  # p: position in the walk
-        c0 = lo + n_chunks - 1 - p if REVERSE else lo + p
-        c1 = c0 - 1 if REVERSE else c0 + 1
-        c2 = c1 - 1 if REVERSE else c1 + 1
-        c3 = c2 - 1 if REVERSE else c2 + 1
-        live0, live1, live2, live3 = p < n_chunks, p + 1 < n_chunks, p + 2 < n_chunks, p + 3 < n_chunks
-        end = lo + n_chunks - 1  # the sequence's last chunk
-        x0, d0, s0 = _scan_load(X, b_last, c0, live0, h, tile, mask, rows, H, G, M, KV, REVERSE, states,
-                                states_final, nh, end)
-        x1, d1, s1 = _scan_load(X, b_last, c1, live1, h, tile, mask, rows, H, G, M, KV, REVERSE, states,
-                                states_final, nh, end)
-        x2, d2, s2 = _scan_load(X, b_last, c2, live2, h, tile, mask, rows, H, G, M, KV, REVERSE, states,
-                                states_final, nh, end)
-        x3, d3, s3 = _scan_load(X, b_last, c3, live3, h, tile, mask, rows, H, G, M, KV, REVERSE, states,
-                                states_final, nh, end)
-        S = _scan_step(out, S, x0, d0, s0, c0, live0, h, tile, mask, rows, H, M, KV, REVERSE, later, NT)
-        S = _scan_step(out, S, x1, d1, s1, c1, live1, h, tile, mask, rows, H, M, KV, REVERSE, later, NT)
-        S = _scan_step(out, S, x2, d2, s2, c2, live2, h, tile, mask, rows, H, M, KV, REVERSE, later, NT)
-        S = _scan_step(out, S, x3, d3, s3, c3, live3, h, tile, mask, rows, H, M, KV, REVERSE, later, NT)
+    a0 = _chunk_inputs(w, x, b_last, states, states_final, 0, seq, h, nh, rows, tile, mask, d0, width, H, G, KV, M,
+                       C, BN, REVERSE)
+    a1 = _chunk_inputs(w, x, b_last, states, states_final, 1, seq, h, nh, rows, tile, mask, d0, width, H, G, KV, M,
+                       C, BN, REVERSE)
+    for p in range(0, seq[1], 2):  # p: position in the walk
+        b0 = _chunk_inputs(w, x, b_last, states, states_final, p + 2, seq, h, nh, rows, tile, mask, d0, width, H, G,
+                           KV, M, C, BN, REVERSE)
+        b1 = _chunk_inputs(w, x, b_last, states, states_final, p + 3, seq, h, nh, rows, tile, mask, d0, width, H, G,
+                           KV, M, C, BN, REVERSE)
+        S = _step(S, p, a0, seq, w, x, out, later, states_final, h, nh, rows, tile, mask, d0, width, H, G, KV, M, C,
+                  BN, REVERSE)
+        S = _step(S, p + 1, a1, seq, w, x, out, later, states_final, h, nh, rows, tile, mask, d0, width, H, G, KV, M,
+                  C, BN, REVERSE)
+        a0 = b0
+        a1 = b1
     tl.store(final + nh * M * KV + tile, S, mask=mask)
+
+
+@triton.jit
+def _chunk_at(p, seq, C: tl.constexpr, REVERSE: tl.constexpr):
+    """The chunk at walk position p: its index, whether it is live (p < the sequence's chunks), its first token and
+    its rows (0 when not live: every load of a step past the sequence's end is masked, and the step changes
+    nothing)."""
+    lo, n_chunks, seq_start, seq_end = seq
+    live = p < n_chunks
+    c = lo + n_chunks - 1 - p if REVERSE else lo + p
+    t0 = seq_start + (c - lo) * C
+    return c, live, t0, tl.where(live, tl.minimum(seq_end - t0, C), 0)
+
+
+@triton.jit
+def _weights(w, c, live, head, rows, H: tl.constexpr, G: tl.constexpr, M: tl.constexpr, C: tl.constexpr):
+    """Chunk c's weights [C, BM] (slots `rows`) of head `head` of w [NC, H * G, C, M]; 0 when not live."""
+    return tl.load(w + (c * H * G + head) * C * M + tl.arange(0, C)[:, None] * M + rows[None, :], mask=live, other=0.0)
+
+
+@triton.jit
+def _chunk_inputs(w, x, b_last, states, states_final, p, seq, h, nh, rows, tile, mask, d0, width: tl.constexpr,
+                  H: tl.constexpr, G: tl.constexpr, KV: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
+                  BN: tl.constexpr, REVERSE: tl.constexpr):
+    """The loads of the chunk at walk position p: the group's first head's weights [C, BM] and tokens [C, BN], the
+    decay exp(b_last[c]) and, reversed, the state leaving c if that is the forward's state entering c + 1."""
+    c, live, t0, n_rows = _chunk_at(p, seq, C, REVERSE)
+    wt = _weights(w, c, live, h * G, rows, H, G, M, C)
+    xt = load_tile(x, t0, h * G, H * G, width, d0, n_rows, C, BN)
+    decay = tl.exp(tl.load(b_last + (c * H + h) * M + rows, mask=live, other=0.0))
+    if REVERSE:  # (in the states' dtype: kept for two steps, so fewer registers than fp32)
+        leaving = tl.load(states + ((c + 1) * H + h) * M * KV + tile, mask=mask & live & (c != seq[0] + seq[1] - 1),
+                          other=0.0)
+    else:
+        leaving = decay  # not used forward
+    return wt, xt, decay, leaving
+
+
+@triton.jit
+def _step(S, p, inputs, seq, w, x, out, later, states_final, h, nh, rows, tile, mask, d0, width: tl.constexpr,
+          H: tl.constexpr, G: tl.constexpr, KV: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BN: tl.constexpr,
+          REVERSE: tl.constexpr):
+    """Writes S as the entry of `out` of the chunk at walk position p (if live) and returns the next state, S * decay
+    + the chunk's product (the group's other heads are loaded here). Reversed, also writes this tile's share of
+    <state leaving the chunk, its gradient S> (a sum over the tile's columns) to later."""
+    c, live, t0, n_rows = _chunk_at(p, seq, C, REVERSE)
+    wt, xt, decay, leaving = inputs
+    add = dot(tl.trans(wt), xt)
+    for j in tl.static_range(1, G):
+        add += dot(tl.trans(_weights(w, c, live, h * G + j, rows, H, G, M, C)),
+                   load_tile(x, t0, h * G + j, H * G, width, d0, n_rows, C, BN))
+    if REVERSE:  # after the sequence's last chunk, the state leaving it is the final one (fp32)
+        last_chunk = live & (c == seq[0] + seq[1] - 1)
+        leaving = leaving.to(tl.float32) + tl.load(states_final + nh * M * KV + tile, mask=mask & last_chunk, other=0.0)
+        tl.store(later + ((c * H + h) * tl.num_programs(0) + tl.program_id(0)) * M + rows, tl.sum(leaving * S, axis=1),
+                 mask=live)
+    tl.store(out + (c * H + h) * M * KV + tile, S.to(out.dtype.element_ty), mask=mask & live)
+    return S * decay[:, None] + add
