@@ -50,6 +50,7 @@ VARIANTS = {
     "scan_rows64": dict(BLOCK_SCAN_M=(64, 64)),
     "scan_rows16": dict(BLOCK_SCAN_M=(16, 64)),
     "scan_n128": dict(BLOCK_SCAN=128),
+    "scan_n32": dict(BLOCK_SCAN=32),
     # 128-token chunks at M = 64: half the per-chunk states (the kernels move ~6 GB per fwd+bwd at hidden 2048, about
     # 2.6 GB of it states), twice the intra-chunk work per token; 8 warps for the [C, C] tiles (4 spill 10-13 KB)
     "chunk128w8": dict(CHUNK={**config.CHUNK, 64: 128}, NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8,
