@@ -130,8 +130,7 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, forward=
     M, K, V = out.shape[-2], x[0].shape[-1], x[1].shape[-1]
     n_seq = layout.cu_seqlens.numel() - 1
     final = empty(n_seq, H, M, K + V, device=out.device, dtype=torch.float32)
-    BN = _scan_width(K, V)
-    tiles = config.cdiv(K, BN) + config.cdiv(V, BN)
+    BN, tiles = _scan_width(K, V), scan_tiles(K, V)
     BM = min(config.BLOCK_SCAN_M[1], M)
     if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
         BM = min(config.BLOCK_SCAN_M[0], M)
@@ -139,13 +138,13 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, forward=
     states, states_final, later = forward if forward is not None else (final, final, final)  # (unread if forward)
     _launch(chunk_scan_kernel, grid, w[0], x[0], w[1], x[1], out, b_last, init if init is not None else final, final,
             states, states_final, later, layout.cu_seqlens, layout.chunk_offsets, H=H, G=G, K=K, V=V, M=M,
-            C=layout.chunk, BM=BM, BN=BN, REVERSE=forward is not None,
-            HAS_INIT=init is not None)
+            C=layout.chunk, BM=BM, BN=BN, REVERSE=forward is not None, HAS_INIT=init is not None)
     return final
 
 
 def _scan_width(K: int, V: int) -> int:
-    """Columns of one scan tile (config.BLOCK_SCAN, capped at K and V's widths)."""
+    """Columns of one scan tile: config.BLOCK_SCAN, or the wider of K and V rounded up to a power of two (at least
+    config.MIN_TILE) if that is less."""
     return min(config.BLOCK_SCAN, max(config.MIN_TILE, config.next_power_of_2(max(K, V))))
 
 
