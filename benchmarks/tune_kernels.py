@@ -45,7 +45,8 @@ VARIANTS = {
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
     # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
     "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_kv": 8}),
-    # state tiles of the scan: rows (slots) whatever the number of programs, or twice the columns per program
+    # state tiles of the scan: 32 or 64 rows (slots) whatever the number of programs, 16 when programs are few, or
+    # 128 / 32 columns per program
     "scan_rows32": dict(BLOCK_SCAN_M=(32, 32)),
     "scan_rows64": dict(BLOCK_SCAN_M=(64, 64)),
     "scan_rows16": dict(BLOCK_SCAN_M=(16, 64)),

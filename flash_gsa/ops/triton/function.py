@@ -92,9 +92,15 @@ def _info(kernel) -> _KernelInfo:
     return _KernelInfo(name, frozenset(kernel.arg_names), "BK" in kernel.arg_names)
 
 
+def _width(limit: int, D: int) -> int:
+    """Tile width for a dimension of size D: `limit`, or D rounded up to a power of two (at least config.MIN_TILE)
+    if that is less."""
+    return min(limit, max(config.MIN_TILE, config.next_power_of_2(D)))
+
+
 def _tile(D: int, name: str) -> int:
     """Width of the tiles of a K or V dimension of size D in kernel `name`'s products (config.TILE, capped at D)."""
-    return min(config.TILE[name], max(config.MIN_TILE, config.next_power_of_2(D)))
+    return _width(config.TILE[name], D)
 
 
 def _launch(kernel, grid, *args, **sizes) -> None:
@@ -143,9 +149,8 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, forward=
 
 
 def _scan_width(K: int, V: int) -> int:
-    """Columns of one scan tile: config.BLOCK_SCAN, or the wider of K and V rounded up to a power of two (at least
-    config.MIN_TILE) if that is less."""
-    return min(config.BLOCK_SCAN, max(config.MIN_TILE, config.next_power_of_2(max(K, V))))
+    """Columns of one scan tile (config.BLOCK_SCAN, capped at the wider of K and V)."""
+    return _width(config.BLOCK_SCAN, max(K, V))
 
 
 def scan_tiles(K: int, V: int) -> int:
