@@ -45,6 +45,8 @@ VARIANTS = {
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
     # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
     "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_kv": 8}),
+    # 8 warps for bwd_kv alone (the kernel that spills most at 4: ~1 KB per thread)
+    "bwd_kv_w8": dict(NUM_WARPS={**config.NUM_WARPS, "bwd_kv": 8}),
     # state tiles of the scan: 32 or 64 rows (slots) whatever the number of programs, 16 when programs are few, or
     # 128 / 32 columns per program
     "scan_rows32": dict(BLOCK_SCAN_M=(32, 32)),

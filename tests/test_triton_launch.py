@@ -82,3 +82,54 @@ def test_interpreter_takes_tritons_path_every_time(kernel, monkeypatch):
     for _ in range(2):
         function._launch(kernel, (1,), x, x, 3, 1.0, K=32, V=32)
     assert [entry[0] for entry in kernel.log] == ["compile", "compile"]
+
+
+class _Launcher:
+    """Triton 3.6's CudaLauncher as `launch._direct` uses it: `launch` is the C function, whose leading arguments are
+    (grid x, y, z, stream, function, cooperative, pdl, global scratch, profile scratch, metadata, launch metadata,
+    enter hook, exit hook), then the kernel's arguments."""
+
+    def __init__(self, log, scratch=0):
+        self.log, self.global_scratch_size, self.profile_scratch_size = log, scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+        self.launch = lambda *a: log.append(("c_launch", a))
+
+
+class _Compiled36(_Compiled):
+    def __init__(self, log, scratch=0):
+        super().__init__(log)
+        self.run, self.function, self.packed_metadata = _Launcher(log, scratch), 1234, (4, 1, 0)
+
+    def _init_handles(self):
+        pass
+
+
+@pytest.mark.parametrize("case", ["plain", "scratch", "hook"])
+def test_direct_launch_calls_the_c_launcher_with_tritons_leading_arguments(kernel, monkeypatch, case):
+    from triton import knobs
+
+    compiled = _Compiled36(kernel.log, 256 if case == "scratch" else 0)
+    if case == "hook":  # a profiler's launch hook: Triton's runner calls it, so launches go there
+        hook = knobs.HookChain()
+        hook.add(lambda *args: None)
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+    compile_calls = []
+
+    class K(_Kernel):
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: compile_calls.append(grid) or compiled
+
+    k = K("chunk_output_kernel", kernel.arg_names)
+    k.log = kernel.log
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 77, raising=False)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)), raising=False)
+    x, y = torch.randn(64), torch.randn(64)
+    function._launch(k, (3, 2), x, y, 7, 0.5, K=64, V=32)
+    function._launch(k, (5,), x, y, 7, 0.25, K=64, V=32)
+    assert compile_calls == [(3, 2)]
+    bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE, 32)
+    if case != "plain":  # a kernel that needs scratch memory, or a hook: through Triton's runner
+        assert kernel.log == [("direct", (5, 1, 1), (x, y, 7, 0.25, 64, 32, bk, bv))]
+    else:
+        assert kernel.log == [("c_launch", (5, 1, 1, 77, 1234, False, True, None, None, (4, 1, 0), None, None, None,
+                                            x, y, 7, 0.25, 64, 32, bk, bv))]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import torch
 
@@ -86,10 +86,15 @@ class _KernelInfo:
     tiled: bool  # takes K / V tile widths (BK, BV)
 
 
-@cache
+_INFO: dict[int, _KernelInfo] = {}  # by id(kernel): hashing a JITFunction costs host time on every launch
+
+
 def _info(kernel) -> _KernelInfo:
-    name = kernel.fn.__name__.removesuffix("_kernel").removeprefix("chunk_")
-    return _KernelInfo(name, frozenset(kernel.arg_names), "BK" in kernel.arg_names)
+    info = _INFO.get(id(kernel))
+    if info is None:
+        name = kernel.fn.__name__.removesuffix("_kernel").removeprefix("chunk_")
+        info = _INFO[id(kernel)] = _KernelInfo(name, frozenset(kernel.arg_names), "BK" in kernel.arg_names)
+    return info
 
 
 def _width(limit: int, D: int) -> int:
