@@ -53,6 +53,9 @@ VARIANTS = {
     "scan_rows64": dict(BLOCK_SCAN_M=(64, 64)),
     "scan_rows16": dict(BLOCK_SCAN_M=(16, 64)),
     "scan_n128": dict(BLOCK_SCAN=128),
+    # 8 warps per scan program (half the registers per thread for the same tile), also with 128-column tiles
+    "scan_w8": dict(NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
+    "scan_n128_w8": dict(BLOCK_SCAN=128, NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
     "scan_n32": dict(BLOCK_SCAN=32),
     # 128-token chunks at M = 64: half the per-chunk states (the kernels move ~6 GB per fwd+bwd at hidden 2048, about
     # 2.6 GB of it states), twice the intra-chunk work per token; 8 warps for the [C, C] tiles (4 spill 10-13 KB)
