@@ -17,15 +17,13 @@ sequence on, the program reads back the state it wrote (a barrier orders the two
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import config
 from .function import device_guard
-from .launch import launch
+from .launch import INTERPRET, launch
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -249,7 +247,7 @@ def fused_recurrent_gsa(
     for name, x in (("k", k), ("v", v), ("g", g), ("s", s), ("cu_seqlens", cu_seqlens)):
         if x is not None and x.device != device:
             raise ValueError(f"{name} is on {x.device}, but q is on {device}")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"the Triton decoding kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, s)):
         raise ValueError("fused_recurrent_gsa is forward only; use flash_gsa.gsa for gradients (or torch.no_grad())")
