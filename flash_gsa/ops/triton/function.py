@@ -199,7 +199,8 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
     dq = empty(*q.shape, device=dev, dtype=q.dtype)
-    p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=f32) for _ in range(3))
+    p, dzs = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(2))  # (bf16 for 16-bit inputs: half the bytes)
+    pz = empty(T, HQ, M, device=dev, dtype=f32)
     Wd = empty(NC, HQ, C, C, device=dev, dtype=low)
     wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
     _launch(bwd_query_kernel, (NC, HQ), k, v, s, b, states, do, z, lse, dq, p, dzs, pz, Wd, wq, wdo, *tables, scale,
