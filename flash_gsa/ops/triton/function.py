@@ -133,11 +133,11 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
     )
 
 
-def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, forward=None):
+def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bool):
     """Runs chunk_scan_kernel over the chunks' products w^T x: w = (weights of the hk^T part, of the hv part)
-    [NC, H * G, C, M], x = (their tokens [T', H * G, K], [T', H * G, V]). Writes `out` [NC, H, M, K + V]; returns
-    the [N, H, M, K + V] fp32 state after the last chunk (the first, when reversed). Reversed when `forward` = (the
-    forward's states, its final state, the `later` buffer [NC, H, scan_tiles, M] to fill) is given."""
+    [NC, H * G, C, M], x = (their tokens [T', H * G, K], [T', H * G, V]). Writes `out` [NC, H, M, K + V] (the states
+    entering each chunk; reversed, the gradients of those leaving it); returns the [N, H, M, K + V] fp32 state after
+    the last chunk (the first, when reversed)."""
     M, K, V = out.shape[-2], x[0].shape[-1], x[1].shape[-1]
     n_seq = layout.cu_seqlens.numel() - 1
     final = empty(n_seq, H, M, K + V, device=out.device, dtype=torch.float32)
@@ -146,10 +146,9 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, forward=
     if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
         BM = min(config.BLOCK_SCAN_M[0], M)
     grid = (tiles, M // BM, n_seq * H)
-    states, states_final, later = forward if forward is not None else (final, final, final)  # (unread if forward)
     _launch(chunk_scan_kernel, grid, w[0], x[0], w[1], x[1], out, b_last, init if init is not None else final, final,
-            states, states_final, later, layout.cu_seqlens, layout.chunk_offsets, H=H, G=G, K=K, V=V, M=M,
-            C=layout.chunk, BM=BM, BN=BN, REVERSE=forward is not None, HAS_INIT=init is not None)
+            layout.cu_seqlens, layout.chunk_offsets, H=H, G=G, K=K, V=V, M=M, C=layout.chunk, BM=BM, BN=BN,
+            REVERSE=reverse, HAS_INIT=init is not None)
     return final
 
 
@@ -179,7 +178,7 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
     _launch(chunk_local_kernel, (NC, H), g, s, b, b_last, w, *tables, **sizes)
-    final = _scan((w, w), (k, v), states, b_last, init, layout, H, 1)
+    final = _scan((w, w), (k, v), states, b_last, init, layout, H, 1, reverse=False)
     o = empty(T, HQ, V, device=dev, dtype=q.dtype)
     z = empty(T, HQ, M, device=dev, dtype=f32)
     lse = empty(T, HQ, device=dev, dtype=f32)
@@ -200,17 +199,17 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
     dq = empty(*q.shape, device=dev, dtype=q.dtype)
-    p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=f32) for _ in range(3))
+    p, dzs = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(2))  # (bf16 for 16-bit inputs: half the bytes)
+    pz = empty(T, HQ, M, device=dev, dtype=f32)
     Wd = empty(NC, HQ, C, C, device=dev, dtype=low)
     wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
     _launch(bwd_query_kernel, (NC, HQ), k, v, s, b, states, do, z, lse, dq, p, dzs, pz, Wd, wq, wdo, *tables, scale,
             **sizes)
     D = empty(NC, H, M, K + V, device=dev, dtype=low)
-    later = empty(NC, H, scan_tiles(K, V), M, device=dev, dtype=f32)
-    d_init = _scan((wq, wdo), (q, do), D, b_last, d_final, layout, H, G, forward=(states, final, later))
+    d_init = _scan((wq, wdo), (q, do), D, b_last, d_final, layout, H, G, reverse=True)
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
     dg = empty(T, H, M, device=dev, dtype=g_dtype)
-    _launch(bwd_kv_kernel, (NC, H), q, k, v, s, b, b_last, D, later, do, W, Wd, p, dzs, pz, dk, dv, ds, dg, *tables,
-            NT=later.shape[2], **sizes)
+    _launch(bwd_kv_kernel, (NC, H), q, k, v, s, b, b_last, states, final, D, do, W, Wd, p, dzs, pz, dk, dv, ds, dg,
+            *tables, layout.chunk_offsets, **sizes)
     return dq, dk, dv, ds, dg, d_init

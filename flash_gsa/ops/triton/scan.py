@@ -21,9 +21,6 @@ def chunk_scan_kernel(
     b_last,
     init,
     final,
-    states,
-    states_final,
-    later,
     cu_seqlens,
     chunk_offsets,
     H: tl.constexpr,
@@ -44,23 +41,20 @@ def chunk_scan_kernel(
     part (wv, xv [T', H * G, V]).
     Forward (G = 1): w = s * exp(b_last - b) (chunk_local), x = k and v; out = the states entering each chunk.
     Reversed: w = dzs * exp(b) with x = q, and p * exp(b) with x = do (bwd_query): the gradient of the state entering
-    the chunk from the chunk's own outputs; out = the gradients of the states leaving each chunk. Also writes
-    later [NC, H, NT, M] fp32 (NT = column tiles): each tile's share of <state leaving the chunk, its gradient>, from
-    the forward's `states` and `states_final` (bwd_kv adds the shares up)."""
+    the chunk from the chunk's own outputs; out = the gradients of the states leaving each chunk."""
     NK: tl.constexpr = (K + BN - 1) // BN
     if tl.program_id(0) < NK:
-        _walk(wk, xk, out, b_last, init, final, states, states_final, later, cu_seqlens, chunk_offsets,
-              tl.program_id(0) * BN, 0, K, H, G, K + V, M, C, BM, BN, REVERSE, HAS_INIT)
+        _walk(wk, xk, out, b_last, init, final, cu_seqlens, chunk_offsets, tl.program_id(0) * BN, 0, K, H, G, K + V,
+              M, C, BM, BN, REVERSE, HAS_INIT)
     else:
-        _walk(wv, xv, out, b_last, init, final, states, states_final, later, cu_seqlens, chunk_offsets,
-              (tl.program_id(0) - NK) * BN, K, V, H, G, K + V, M, C, BM, BN, REVERSE, HAS_INIT)
+        _walk(wv, xv, out, b_last, init, final, cu_seqlens, chunk_offsets, (tl.program_id(0) - NK) * BN, K, V, H, G,
+              K + V, M, C, BM, BN, REVERSE, HAS_INIT)
 
 
 @triton.jit
-def _walk(w, x, out, b_last, init, final, states, states_final, later, cu_seqlens, chunk_offsets, d0,
-          start: tl.constexpr, width: tl.constexpr, H: tl.constexpr, G: tl.constexpr, KV: tl.constexpr,
-          M: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr,
-          HAS_INIT: tl.constexpr):
+def _walk(w, x, out, b_last, init, final, cu_seqlens, chunk_offsets, d0, start: tl.constexpr, width: tl.constexpr,
+          H: tl.constexpr, G: tl.constexpr, KV: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
+          BN: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
     """chunk_scan_kernel's walk over columns start + d0 .. start + d0 + BN of the state (masked past `width`).
     Only S carries from one chunk to the next; the walk is bound by the latency of each chunk's loads. So it goes two
     chunks per step, and a step first issues the loads of the next two chunks, then updates S with the two whose
@@ -78,19 +72,13 @@ def _walk(w, x, out, b_last, init, final, states, states_final, later, cu_seqlen
         S = tl.load(init + nh * M * KV + tile, mask=mask, other=0.0)
     else:
         S = tl.zeros([BM, BN], dtype=tl.float32)
-    a0 = _chunk_inputs(w, x, b_last, states, states_final, 0, seq, h, nh, rows, tile, mask, d0, width, H, G, KV, M,
-                       C, BN, REVERSE)
-    a1 = _chunk_inputs(w, x, b_last, states, states_final, 1, seq, h, nh, rows, tile, mask, d0, width, H, G, KV, M,
-                       C, BN, REVERSE)
+    a0 = _chunk_inputs(w, x, b_last, 0, seq, h, rows, d0, width, H, G, M, C, BN, REVERSE)
+    a1 = _chunk_inputs(w, x, b_last, 1, seq, h, rows, d0, width, H, G, M, C, BN, REVERSE)
     for p in range(0, seq[1], 2):  # p: position in the walk
-        b0 = _chunk_inputs(w, x, b_last, states, states_final, p + 2, seq, h, nh, rows, tile, mask, d0, width, H, G,
-                           KV, M, C, BN, REVERSE)
-        b1 = _chunk_inputs(w, x, b_last, states, states_final, p + 3, seq, h, nh, rows, tile, mask, d0, width, H, G,
-                           KV, M, C, BN, REVERSE)
-        S = _step(S, p, a0, seq, w, x, out, later, states_final, h, nh, rows, tile, mask, d0, width, H, G, KV, M, C,
-                  BN, REVERSE)
-        S = _step(S, p + 1, a1, seq, w, x, out, later, states_final, h, nh, rows, tile, mask, d0, width, H, G, KV, M,
-                  C, BN, REVERSE)
+        b0 = _chunk_inputs(w, x, b_last, p + 2, seq, h, rows, d0, width, H, G, M, C, BN, REVERSE)
+        b1 = _chunk_inputs(w, x, b_last, p + 3, seq, h, rows, d0, width, H, G, M, C, BN, REVERSE)
+        S = _step(S, p, a0, seq, w, x, out, h, rows, tile, mask, d0, width, H, G, KV, M, C, BN, REVERSE)
+        S = _step(S, p + 1, a1, seq, w, x, out, h, rows, tile, mask, d0, width, H, G, KV, M, C, BN, REVERSE)
         a0 = b0
         a1 = b1
     tl.store(final + nh * M * KV + tile, S, mask=mask)
@@ -115,40 +103,28 @@ def _weights(w, c, live, head, rows, H: tl.constexpr, G: tl.constexpr, M: tl.con
 
 
 @triton.jit
-def _chunk_inputs(w, x, b_last, states, states_final, p, seq, h, nh, rows, tile, mask, d0, width: tl.constexpr,
-                  H: tl.constexpr, G: tl.constexpr, KV: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
-                  BN: tl.constexpr, REVERSE: tl.constexpr):
-    """The loads of the chunk at walk position p: the group's first head's weights [C, BM] and tokens [C, BN], the
-    decay exp(b_last[c]) and, reversed, the state leaving c if that is the forward's state entering c + 1."""
+def _chunk_inputs(w, x, b_last, p, seq, h, rows, d0, width: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+                  M: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr):
+    """The loads of the chunk at walk position p: the group's first head's weights [C, BM] and tokens [C, BN], and
+    the decay exp(b_last[c])."""
     c, live, t0, n_rows = _chunk_at(p, seq, C, REVERSE)
     wt = _weights(w, c, live, h * G, rows, H, G, M, C)
     xt = load_tile(x, t0, h * G, H * G, width, d0, n_rows, C, BN)
     decay = tl.exp(tl.load(b_last + (c * H + h) * M + rows, mask=live, other=0.0))
-    if REVERSE:  # (in the states' dtype: kept for two steps, so fewer registers than fp32)
-        leaving = tl.load(states + ((c + 1) * H + h) * M * KV + tile, mask=mask & live & (c != seq[0] + seq[1] - 1),
-                          other=0.0)
-    else:
-        leaving = decay  # not used forward
-    return wt, xt, decay, leaving
+    return wt, xt, decay
 
 
 @triton.jit
-def _step(S, p, inputs, seq, w, x, out, later, states_final, h, nh, rows, tile, mask, d0, width: tl.constexpr,
-          H: tl.constexpr, G: tl.constexpr, KV: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BN: tl.constexpr,
+def _step(S, p, inputs, seq, w, x, out, h, rows, tile, mask, d0, width: tl.constexpr, H: tl.constexpr,
+          G: tl.constexpr, KV: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BN: tl.constexpr,
           REVERSE: tl.constexpr):
     """Writes S as the entry of `out` of the chunk at walk position p (if live) and returns the next state, S * decay
-    + the chunk's product (the group's other heads are loaded here). Reversed, also writes this tile's share of
-    <state leaving the chunk, its gradient S> (a sum over the tile's columns) to later."""
+    + the chunk's product (the group's other heads are loaded here)."""
     c, live, t0, n_rows = _chunk_at(p, seq, C, REVERSE)
-    wt, xt, decay, leaving = inputs
+    wt, xt, decay = inputs
     add = dot(tl.trans(wt), xt)
     for j in tl.static_range(1, G):
         add += dot(tl.trans(_weights(w, c, live, h * G + j, rows, H, G, M, C)),
                    load_tile(x, t0, h * G + j, H * G, width, d0, n_rows, C, BN))
-    if REVERSE:  # after the sequence's last chunk, the state leaving it is the final one (fp32)
-        last_chunk = live & (c == seq[0] + seq[1] - 1)
-        leaving = leaving.to(tl.float32) + tl.load(states_final + nh * M * KV + tile, mask=mask & last_chunk, other=0.0)
-        tl.store(later + ((c * H + h) * tl.num_programs(0) + tl.program_id(0)) * M + rows, tl.sum(leaving * S, axis=1),
-                 mask=live)
     tl.store(out + (c * H + h) * M * KV + tile, S.to(out.dtype.element_ty), mask=mask & live)
     return S * decay[:, None] + add
