@@ -17,8 +17,9 @@ Summing db over all later tokens of the sequence instead (a reverse cumulative s
 are much larger than the result: with bf16 operands that left dg 7.4e-2 off at T = 8192, against 2-4e-3 for every
 other gradient. The state form has no such cancellation; bwd_kv forms it from D and the forward's states.
 The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1) and W = key_decay(p).
-Buffers written here: p and dzs [T', HQ, M] in the state dtype, pz = p*dp + z*dz [T', HQ, M] fp32; Wd = key_decay(dzs) [NC, HQ, C, C] in the
-state dtype; wq and wdo [NC, HQ, C, M] in q's dtype; dg [T', H, M] in g's dtype (summed in fp32).
+Buffers written here: p and dzs [T', HQ, M] in the state dtype, pz = p*dp + z*dz [T', HQ, M] fp32; Wd =
+key_decay(dzs) [NC, HQ, C, C] in the state dtype; wq and wdo [NC, HQ, C, M] in q's dtype; dg [T', H, M] in g's dtype
+(summed in fp32).
 """
 
 import triton
