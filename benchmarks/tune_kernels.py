@@ -31,6 +31,9 @@ VARIANTS = {
     # software pipelining of the K / V tile loops: one stage fewer than the defaults
     "output_stages1": dict(NUM_STAGES={**config.NUM_STAGES, "output": 1}),
     "bwd_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 2, "bwd_kv": 2}),
+    "bwd_kv_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_kv": 2}),
+    "bwd_kv_stages4": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_kv": 4}),
+    "bwd_query_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 2}),
     # one tile width for every kernel: 64 (twice the loop trips at K = V = 512, smaller products) or 128
     "tiles64": dict(TILE=dict.fromkeys(config.TILE, 64)),
     "tiles128": dict(TILE=dict.fromkeys(config.TILE, 128)),
