@@ -47,11 +47,13 @@ DECODE_NUM_STAGES = 1
 # Cross-entropy of the LM loss (cross_entropy.py): one program per row walks the vocabulary in blocks.
 CE_BLOCK = 4096  # vocabulary entries per block (16 per thread at 8 warps)
 CE_NUM_WARPS = 8
+CE_NUM_STAGES = 3  # Triton's default for CUDA (the kernels' block loops are pipelined as before the launch cache)
 
 # RMSNorm (rms_norm.py): a program takes whole rows, NORM_BLOCK values at a time (4 rows of 1024).
 NORM_BLOCK = 4096
 NORM_MAX_D = 8192  # widest row the kernels take (one row per program there); wider rows take the PyTorch path
 NORM_NUM_WARPS = 4
+NORM_NUM_STAGES = 3  # Triton's default for CUDA
 NORM_BWD_PROGRAMS = 528  # backward programs (4 per SM of an H100/H200), each summing its rows' share of dw
 
 

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from . import config
 from .function import device_guard
+from .launch import launch
 
 IGNORE = -100
 
@@ -67,8 +68,8 @@ def cross_entropy_forward(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     loss, lse = (torch.empty(N, dtype=torch.float32, device=x.device) for _ in range(2))
     if N:
         with device_guard(x.device):
-            cross_entropy_fwd_kernel[(N,)](x, targets, loss, lse, x.stride(0), V=V, BLOCK=_block(V),
-                                           num_warps=config.CE_NUM_WARPS)
+            launch(cross_entropy_fwd_kernel, (N,), (x, targets, loss, lse, x.stride(0)), dict(V=V, BLOCK=_block(V)),
+                   config.CE_NUM_WARPS, config.CE_NUM_STAGES)
     return loss, lse
 
 
@@ -78,6 +79,6 @@ def cross_entropy_backward(x: torch.Tensor, targets: torch.Tensor, lse: torch.Te
     dx = torch.empty_like(x)
     if N:
         with device_guard(x.device):
-            cross_entropy_bwd_kernel[(N,)](x, targets, lse, scale, dx, x.stride(0), V=V, BLOCK=_block(V),
-                                           num_warps=config.CE_NUM_WARPS)
+            launch(cross_entropy_bwd_kernel, (N,), (x, targets, lse, scale, dx, x.stride(0)),
+                   dict(V=V, BLOCK=_block(V)), config.CE_NUM_WARPS, config.CE_NUM_STAGES)
     return dx

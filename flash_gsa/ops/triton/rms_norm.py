@@ -14,6 +14,7 @@ import triton.language as tl
 
 from . import config
 from .function import device_guard, empty
+from .launch import launch
 
 
 @triton.jit
@@ -67,8 +68,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtyp
     rstd = empty(N, device=x.device, dtype=torch.float32)
     if N:
         with device_guard(x.device):
-            rms_norm_fwd_kernel[(config.cdiv(N, rows),)](x, weight, y, rstd, N, eps, D=D, BLOCK_D=block_d, ROWS=rows,
-                                                         num_warps=config.NORM_NUM_WARPS)
+            launch(rms_norm_fwd_kernel, (config.cdiv(N, rows),), (x, weight, y, rstd, N, eps),
+                   dict(D=D, BLOCK_D=block_d, ROWS=rows), config.NORM_NUM_WARPS, config.NORM_NUM_STAGES)
     return y, rstd
 
 
@@ -80,6 +81,6 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
     dx = empty(N, D, device=x.device, dtype=x.dtype)
     dw_part = empty(programs, D, device=x.device, dtype=torch.float32)
     with device_guard(x.device):
-        rms_norm_bwd_kernel[(programs,)](x, weight, rstd, dy, dx, dw_part, N, D=D, BLOCK_D=block_d, ROWS=rows,
-                                         num_warps=config.NORM_NUM_WARPS)
+        launch(rms_norm_bwd_kernel, (programs,), (x, weight, rstd, dy, dx, dw_part, N),
+               dict(D=D, BLOCK_D=block_d, ROWS=rows), config.NORM_NUM_WARPS, config.NORM_NUM_STAGES)
     return dx, dw_part.sum(0) if need_dw else None
