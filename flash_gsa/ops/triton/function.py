@@ -141,7 +141,7 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse:
     M, K, V = out.shape[-2], x[0].shape[-1], x[1].shape[-1]
     n_seq = layout.cu_seqlens.numel() - 1
     final = empty(n_seq, H, M, K + V, device=out.device, dtype=torch.float32)
-    BN, tiles = _scan_width(K, V), scan_tiles(K, V)
+    BN, tiles = _scan_width(K, V), _scan_tiles(K, V)
     BM = min(config.BLOCK_SCAN_M[1], M)
     if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
         BM = min(config.BLOCK_SCAN_M[0], M)
@@ -157,7 +157,7 @@ def _scan_width(K: int, V: int) -> int:
     return _width(config.BLOCK_SCAN, max(K, V))
 
 
-def scan_tiles(K: int, V: int) -> int:
+def _scan_tiles(K: int, V: int) -> int:
     """Column tiles of the scan (the K part's, then the V part's)."""
     BN = _scan_width(K, V)
     return config.cdiv(K, BN) + config.cdiv(V, BN)
