@@ -45,3 +45,16 @@ def test_largest_shapes_fit_h100_shared_memory(tmp_path):
     assert not too_big, f"shared memory above the H100 limit: {too_big}"
     assert all(r["registers"] > 0 for r in records), "ptxas reported no register counts"
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_blocks_per_sm_counts_registers_and_shared_memory():
+    from flash_gsa.bench.resources import SHARED_PER_SM, KernelResources
+
+    def blocks(registers: int, shared_kib: int) -> int:
+        record = KernelResources("k", 64, 64, 64, 4, shared_kib * 1024, registers, 0, 0, True, SHARED_PER_SM[90])
+        return record.blocks_per_sm
+
+    assert blocks(255, 96) == 2  # 128 threads x 255 registers: 2 in 64K; 2 x (96 + 1) KiB fit in 228 KiB
+    assert blocks(255, 120) == 1  # 2 x (120 + 1) KiB do not: shared memory, not registers, is the limit
+    assert blocks(128, 8) == 4  # registers: 65536 / (128 x 128)
+    assert blocks(64, 60) == 3  # shared memory: 228 // 61

@@ -27,8 +27,11 @@ import torch
 
 from .record import stamp, write_json
 
-# Per-block shared memory a kernel may use (opt-in maximum) and the register file, per compute capability.
+# Per-block shared memory a kernel may use (opt-in maximum), shared memory per SM, of which the driver reserves 1 KiB
+# per resident block, and the register file, per compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472}
+SHARED_RESERVED_PER_BLOCK = 1024
 REGISTERS_PER_SM = 65536
 DEFAULT_SHAPES = ((256, 256, 64), (512, 512, 64), (256, 256, 128), (512, 512, 256), (64, 64, 16))
 
@@ -45,11 +48,14 @@ class KernelResources:
     stack_bytes: int
     spill_bytes: int  # bytes of spill stores + spill loads in the code (static counts, not traffic)
     fits: bool  # shared memory within the per-block limit: the kernel can launch
+    shared_per_sm: int  # of the target
 
     @property
     def blocks_per_sm(self) -> int:
-        threads = 32 * self.num_warps
-        return max(0, REGISTERS_PER_SM // max(1, self.registers * threads))
+        """Blocks that fit on one SM at once, by registers and by shared memory."""
+        by_registers = REGISTERS_PER_SM // max(1, self.registers * 32 * self.num_warps)
+        by_shared = self.shared_per_sm // (self.shared_bytes + SHARED_RESERVED_PER_BLOCK)
+        return max(0, min(by_registers, by_shared))
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
@@ -183,6 +189,7 @@ def _record(name: str, kernel, K: int, V: int, M: int, arch: int) -> KernelResou
     return KernelResources(
         name, K, V, M, md.num_warps, md.shared, **_ptxas_report(kernel.asm["ptx"], arch),
         fits=md.shared <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]),
+        shared_per_sm=SHARED_PER_SM.get(arch, SHARED_PER_SM[90]),
     )
 
 
