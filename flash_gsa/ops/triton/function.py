@@ -141,7 +141,8 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse:
     M, K, V = out.shape[-2], x[0].shape[-1], x[1].shape[-1]
     n_seq = layout.cu_seqlens.numel() - 1
     final = empty(n_seq, H, M, K + V, device=out.device, dtype=torch.float32)
-    BN, tiles = _scan_width(K, V), _scan_tiles(K, V)
+    BN = _width(config.BLOCK_SCAN, max(K, V))  # columns of one scan tile; the K part's tiles, then the V part's
+    tiles = config.cdiv(K, BN) + config.cdiv(V, BN)
     BM = min(config.BLOCK_SCAN_M[1], M)
     if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
         BM = min(config.BLOCK_SCAN_M[0], M)
@@ -150,17 +151,6 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse:
             layout.cu_seqlens, layout.chunk_offsets, H=H, G=G, K=K, V=V, M=M, C=layout.chunk, BM=BM, BN=BN,
             REVERSE=reverse, HAS_INIT=init is not None)
     return final
-
-
-def _scan_width(K: int, V: int) -> int:
-    """Columns of one scan tile (config.BLOCK_SCAN, capped at the wider of K and V)."""
-    return _width(config.BLOCK_SCAN, max(K, V))
-
-
-def _scan_tiles(K: int, V: int) -> int:
-    """Column tiles of the scan (the K part's, then the V part's)."""
-    BN = _scan_width(K, V)
-    return config.cdiv(K, BN) + config.cdiv(V, BN)
 
 
 def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
