@@ -169,13 +169,14 @@ def bwd_kv_kernel(
     grad_s = value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     from_state, entering, DV = _grad_half(v, do, W_buf, dv, D, S, w, from_state, entering, c, h, t0, n_rows, K, H,
                                           G, V, M, KV, C, BV)
-    # <state leaving the chunk, dh_out>, what later tokens add to dg: the leaving state is exp(b_last) * the entering
-    # one + w^T [k | v], so it is exp(b_last) * entering + sum over the chunk's tokens of w * from_state
-    later = entering * tl.exp(last) + tl.sum(w.to(tl.float32) * from_state, axis=0)
     p = load_slots(p_buf, t0, h * G, HQ, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
-    grad_s += from_state * tl.exp(last[None, :] - b)
+    carried = from_state * tl.exp(last[None, :] - b)
+    grad_s += carried
+    # <state leaving the chunk, dh_out>, what later tokens add to dg: the leaving state is exp(b_last) * the entering
+    # one + w^T [k | v] (w = s * exp(b_last - b)), so it is exp(b_last) * entering + sum over the chunk of s * carried
+    later = entering * tl.exp(last) + tl.sum(load_slots(s, t0, h, H, n_rows, C, M) * carried, axis=0)
 
     for j in range(1, G):  # the group's other query heads
         hq = h * G + j
