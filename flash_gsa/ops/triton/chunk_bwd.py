@@ -15,7 +15,9 @@ The last term of dg is what every later token adds, sum_{t' after the chunk} db_
 token = <state leaving the chunk (S_next: the next chunk's entering state, or the final one), its gradient dh_out>.
 Summing db over all later tokens of the sequence instead (a reverse cumulative sum across chunks) cancels terms that
 are much larger than the result: with bf16 operands that left dg 7.4e-2 off at T = 8192, against 2-4e-3 for every
-other gradient. The state form has no such cancellation; bwd_kv forms it from D and the forward's states.
+other gradient. The state form has no such cancellation. bwd_kv forms it from the state entering the chunk S:
+S_next = exp(b_last) * S + w^T [k | v], so <S_next, dh_out> = exp(b_last) * <S, dh_out> + sum over the chunk's tokens
+of w * (k @ dhk_out + v @ dhv_out^T), whose last factor ds needs anyway.
 The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1) and W = key_decay(p).
 Buffers written here: p and dzs [T', HQ, M] in the state dtype, pz = p*dp + z*dz [T', HQ, M] fp32; Wd =
 key_decay(dzs) [NC, HQ, C, C] in the state dtype; wq and wdo [NC, HQ, C, M] in q's dtype; dg [T', H, M] in g's dtype
