@@ -187,6 +187,6 @@ def test_opcheck_triton(device, seed, varlen, dtype):
     torch.library.opcheck(custom_op.triton_fwd, (q, k, v, g, s, 0.5, init, cu), test_utils=CHECKS)
     with torch.no_grad():
         o, final, saved = custom_op.triton_fwd(q, k, v, g, s, 0.5, None, cu)
-    args = (q, k, v, s, torch.randn_like(o), torch.randn_like(final), final, saved, 0.5, cu, g.dtype)
+    args = (q, k, v, s, torch.randn_like(o), torch.randn_like(final), saved, 0.5, cu, g.dtype)
     torch.library.opcheck(custom_op.triton_bwd, tuple(x.detach() if torch.is_tensor(x) else x for x in args),
                           test_utils=("test_schema", "test_faketensor"))

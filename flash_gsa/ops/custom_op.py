@@ -5,7 +5,7 @@ graph: the compiler sees each op as one opaque node, and a fake implementation g
     flash_gsa::chunk_bwd(do, dhk?, dhv?, q, k, v, g, s, scale, hk0?, hv0?, cu_seqlens?)
         -> dq, dk, dv, dg, ds, dhk0, dhv0
     flash_gsa::triton_fwd(q, k, v, g, s, scale, init?, cu_seqlens?) -> o, final, saved
-    flash_gsa::triton_bwd(q, k, v, s, do, d_final?, final, saved, scale, cu_seqlens?, g_dtype)
+    flash_gsa::triton_bwd(q, k, v, s, do, d_final?, saved, scale, cu_seqlens?, g_dtype)
         -> dq, dk, dv, dg (in g_dtype), ds, d_init
 
 Each forward is tied to its backward with `register_autograd`. Eager calls of the triton backend skip the op's
@@ -128,7 +128,7 @@ def _triton_forward(q, k, v, g, s, scale, init, cu_seqlens) -> tuple[Tensor, Ten
     return o.view(B, T, *o.shape[1:]), final, list(saved)
 
 
-def _triton_backward_grads(q, k, v, s, do, d_final, final, saved, scale, cu_seqlens, g_dtype):
+def _triton_backward_grads(q, k, v, s, do, d_final, saved, scale, cu_seqlens, g_dtype):
     from .triton.function import chunk_backward, device_guard
 
     B, T = q.shape[:2]
@@ -136,7 +136,7 @@ def _triton_backward_grads(q, k, v, s, do, d_final, final, saved, scale, cu_seql
     flat = _flat(q, k, v, s, do)
     with device_guard(q.device):
         layout = _layout(q, s, cu_seqlens)
-        dq, dk, dv, ds, dg, d_init = chunk_backward(*flat, d_final, final, tuple(saved), scale, layout, g_dtype)
+        dq, dk, dv, ds, dg, d_init = chunk_backward(*flat, d_final, tuple(saved), scale, layout, g_dtype)
     return (*(x.view(B, T, *x.shape[1:]) for x in (dq, dk, dv, dg, ds)), d_init)
 
 
@@ -180,37 +180,39 @@ def _(q, k, v, g, s, scale, init, cu_seqlens):
 
 @torch.library.custom_op("flash_gsa::triton_bwd", mutates_args=())
 def triton_bwd(
-    q: Tensor, k: Tensor, v: Tensor, s: Tensor, do: Tensor, d_final: Tensor | None, final: Tensor,
-    saved: list[Tensor], scale: float, cu_seqlens: Tensor | None, g_dtype: torch.dtype,
+    q: Tensor, k: Tensor, v: Tensor, s: Tensor, do: Tensor, d_final: Tensor | None, saved: list[Tensor],
+    scale: float, cu_seqlens: Tensor | None, g_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _triton_backward_grads(q, k, v, s, do, d_final, final, saved, scale, cu_seqlens, g_dtype)
+    return _triton_backward_grads(q, k, v, s, do, d_final, saved, scale, cu_seqlens, g_dtype)
 
 
 @triton_bwd.register_fake
-def _(q, k, v, s, do, d_final, final, saved, scale, cu_seqlens, g_dtype):
+def _(q, k, v, s, do, d_final, saved, scale, cu_seqlens, g_dtype):
     dq, dk, dv, ds = (x.new_empty(x.shape) for x in (q, k, v, s))
-    return dq, dk, dv, s.new_empty(s.shape, dtype=g_dtype), ds, final.new_empty(final.shape)
+    H, K, V, M = k.shape[2], k.shape[3], v.shape[3], s.shape[3]
+    d_init = q.new_empty(_num_seqs(q, cu_seqlens), H, M, K + V, dtype=torch.float32)
+    return dq, dk, dv, s.new_empty(s.shape, dtype=g_dtype), ds, d_init
 
 
-def _triton_save(ctx, inputs, final, saved) -> None:
+def _triton_save(ctx, inputs, saved) -> None:
     q, k, v, g, s, scale, init, cu_seqlens = inputs
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, s, final, cu_seqlens, *saved)
+    ctx.save_for_backward(q, k, v, s, cu_seqlens, *saved)
     ctx.scale, ctx.g_dtype, ctx.has_init = scale, g.dtype, init is not None
 
 
 def _triton_setup(ctx, inputs, output):
-    _, final, saved = output
+    _, _, saved = output
     ctx.mark_non_differentiable(*saved)
-    _triton_save(ctx, inputs, final, saved)
+    _triton_save(ctx, inputs, saved)
 
 
 def _triton_grads(ctx, do, d_final, bwd):
     """The gradients of (q, k, v, g, s, scale, init, cu_seqlens) through `bwd` (the op or the plain function)."""
-    q, k, v, s, final, cu_seqlens, *saved = ctx.saved_tensors
+    q, k, v, s, cu_seqlens, *saved = ctx.saved_tensors
     if do is None:
         do = q.new_zeros(*q.shape[:3], v.shape[3])
-    dq, dk, dv, dg, ds, d_init = bwd(q, k, v, s, do, d_final, final, saved, ctx.scale, cu_seqlens, ctx.g_dtype)
+    dq, dk, dv, dg, ds, d_init = bwd(q, k, v, s, do, d_final, saved, ctx.scale, cu_seqlens, ctx.g_dtype)
     return dq, dk, dv, dg, ds, None, d_init if ctx.has_init else None, None
 
 
@@ -230,7 +232,7 @@ class _TritonGSA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, s, scale, init, cu_seqlens):
         o, final, saved = _triton_forward(q, k, v, g, s, scale, init, cu_seqlens)
-        _triton_save(ctx, (q, k, v, g, s, scale, init, cu_seqlens), final, saved)
+        _triton_save(ctx, (q, k, v, g, s, scale, init, cu_seqlens), saved)
         return o, final
 
     @staticmethod

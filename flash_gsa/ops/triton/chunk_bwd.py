@@ -15,7 +15,9 @@ The last term of dg is what every later token adds, sum_{t' after the chunk} db_
 token = <state leaving the chunk (S_next: the next chunk's entering state, or the final one), its gradient dh_out>.
 Summing db over all later tokens of the sequence instead (a reverse cumulative sum across chunks) cancels terms that
 are much larger than the result: with bf16 operands that left dg 7.4e-2 off at T = 8192, against 2-4e-3 for every
-other gradient. The state form has no such cancellation; bwd_kv forms it from D and the forward's states.
+other gradient. The state form has no such cancellation. bwd_kv forms it from the state entering the chunk S:
+S_next = exp(b_last) * S + w^T [k | v], so <S_next, dh_out> = exp(b_last) * <S, dh_out> + sum over the chunk's tokens
+of w * (k @ dhk_out + v @ dhv_out^T), whose last factor ds needs anyway.
 The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1) and W = key_decay(p).
 Buffers written here: p and dzs [T', HQ, M] in the state dtype, pz = p*dp + z*dz [T', HQ, M] fp32; Wd =
 key_decay(dzs) [NC, HQ, C, C] in the state dtype; wq and wdo [NC, HQ, C, M] in q's dtype; dg [T', H, M] in g's dtype
@@ -117,7 +119,6 @@ def bwd_kv_kernel(
     b_buf,
     b_last,
     S,
-    final,
     D,
     do,
     W_buf,
@@ -132,7 +133,6 @@ def bwd_kv_kernel(
     cu_seqlens,
     chunk_seq,
     chunk_start,
-    chunk_offsets,
     H: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
@@ -145,9 +145,8 @@ def bwd_kv_kernel(
     LOWP: tl.constexpr,
 ):
     """One program per (chunk, kv-head): the gradients of everything the kv-head writes. Reads q, k, v, do, s, b, the
-    state gradient D leaving the chunk, the state leaving it (S of the next chunk, or `final` [N, H, M, K + V] fp32
-    after a sequence's last chunk), and W, Wd and the p/dzs/pz buffers of the group's query heads. Writes dk, dv, ds
-    and dg.
+    state gradient D leaving the chunk, the state S entering it, and W, Wd and the p/dzs/pz buffers of the group's
+    query heads. Writes dk, dv, ds and dg.
     One pass over the K tiles and one over the V tiles read each of k, v, D once, and q, do once for the group's
     first head (the products of its other heads, q k^T and do v^T, take a second pass)."""
     c = tl.program_id(0)
@@ -163,21 +162,23 @@ def bwd_kv_kernel(
     head_rows = t0 * (HQ * M) + h * G * M  # the group's first head in the p / dzs buffers
 
     # keys: dk, k @ dhk_out^T and A = q k^T (the group's first head); then values: dv, v @ dhv_out and DV = do v^T
-    n = tl.load(chunk_seq + c)
-    inside = c + 1 < tl.load(chunk_offsets + n + 1)  # else the sequence's last chunk: the state leaving it is final
     from_state = tl.zeros([C, M], dtype=tl.float32)  # k @ dhk_out + v @ dhv_out^T
-    later = tl.zeros([M], dtype=tl.float32)  # <state leaving the chunk, dh_out>: what later tokens add to dg
-    from_state, later, A = _grad_half(k, q, Wd_buf, dk, D, S, final, w, from_state, later, c, n, inside, h, t0,
-                                      n_rows, 0, H, G, K, M, KV, C, BK)
+    entering = tl.zeros([M], dtype=tl.float32)  # <state entering the chunk, dh_out>
+    from_state, entering, A = _grad_half(k, q, Wd_buf, dk, D, S, w, from_state, entering, c, h, t0, n_rows, 0, H, G,
+                                         K, M, KV, C, BK)
     dzs = load_slots(dzs_buf, t0, h * G, HQ, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))  # loaded again rather than kept through the tile loops
     grad_s = value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
-    from_state, later, DV = _grad_half(v, do, W_buf, dv, D, S, final, w, from_state, later, c, n, inside, h, t0,
-                                       n_rows, K, H, G, V, M, KV, C, BV)
+    from_state, entering, DV = _grad_half(v, do, W_buf, dv, D, S, w, from_state, entering, c, h, t0, n_rows, K, H,
+                                          G, V, M, KV, C, BV)
     p = load_slots(p_buf, t0, h * G, HQ, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
-    grad_s += from_state * tl.exp(last[None, :] - b)
+    carried = from_state * tl.exp(last[None, :] - b)
+    grad_s += carried
+    # <state leaving the chunk, dh_out>, what later tokens add to dg: the leaving state is exp(b_last) * the entering
+    # one + w^T [k | v] (w = s * exp(b_last - b)), so it is exp(b_last) * entering + sum over the chunk of s * carried
+    later = entering * tl.exp(last) + tl.sum(load_slots(s, t0, h, H, n_rows, C, M) * carried, axis=0)
 
     for j in range(1, G):  # the group's other query heads
         hq = h * G + j
@@ -197,12 +198,12 @@ def bwd_kv_kernel(
 
 
 @triton.jit
-def _grad_half(x, src, W_buf, out, D, S, final, w, from_state, later, c, n, inside, h, t0, n_rows,
-               start: tl.constexpr, H: tl.constexpr, G: tl.constexpr, width: tl.constexpr, M: tl.constexpr,
-               KV: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
+def _grad_half(x, src, W_buf, out, D, S, w, from_state, entering, c, h, t0, n_rows, start: tl.constexpr,
+               H: tl.constexpr, G: tl.constexpr, width: tl.constexpr, M: tl.constexpr, KV: tl.constexpr,
+               C: tl.constexpr, BD: tl.constexpr):
     """One half of bwd_kv's tile loops: keys (x = k, src = q, W = Wd, out = dk, start = 0) or values (x = v, src =
     do, W = W, out = dv, start = K). Writes out = w @ D_half + sum_j W_j^T src_j over the group's query heads j, and
-    returns from_state + x @ D_half^T [C, M], later + <state leaving the chunk, D> over the half's columns [M] and
+    returns from_state + x @ D_half^T [C, M], entering + <state entering the chunk, D> over the half's columns [M] and
     src_0 @ x^T [C, C] of the group's first head (q k^T or do v^T)."""
     HQ: tl.constexpr = H * G
     first = tl.zeros([C, C], dtype=tl.float32)
@@ -211,8 +212,8 @@ def _grad_half(x, src, W_buf, out, D, S, final, w, from_state, later, c, n, insi
         ptrs, mask = state_tile(D, c, h, H, M, KV, start, width, d0, BD)
         d_out = tl.load(ptrs, mask=mask, other=0.0).to(xt.dtype)
         from_state += dot(xt, tl.trans(d_out))
-        later += tl.sum(_state_leaving(S, final, c, n, h, H, M, KV, start, width, d0, BD, inside)
-                        * d_out.to(tl.float32), axis=1)
+        ptrs, mask = state_tile(S, c, h, H, M, KV, start, width, d0, BD)
+        entering += tl.sum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * d_out.to(tl.float32), axis=1)
         acc = dot(w, d_out)
         for j in tl.static_range(G):
             st = load_tile(src, t0, h * G + j, HQ, width, d0, n_rows, C, BD)
@@ -220,7 +221,7 @@ def _grad_half(x, src, W_buf, out, D, S, final, w, from_state, later, c, n, insi
             if j == 0:
                 first += dot(st, tl.trans(xt))
         store_tile(out, acc, t0, h, H, width, d0, n_rows, C, BD)
-    return from_state, later, first
+    return from_state, entering, first
 
 
 @triton.jit
@@ -233,13 +234,3 @@ def _pair_product(src, hq, x, h, t0, n_rows, H: tl.constexpr, G: tl.constexpr, w
                  tl.trans(load_tile(x, t0, h, H, width, d0, n_rows, C, BD)))
     return P
 
-
-@triton.jit
-def _state_leaving(S, final, c, n, h, H: tl.constexpr, M: tl.constexpr, KV: tl.constexpr, start: tl.constexpr,
-                   width: tl.constexpr, d0, BD: tl.constexpr, inside):
-    """Tile [M, BD] (fp32) of the state leaving chunk c: the state entering chunk c + 1, or the sequence's final
-    state when c is its last chunk (two masked loads, one of which reads nothing)."""
-    ptrs, mask = state_tile(S, c + 1, h, H, M, KV, start, width, d0, BD)
-    inner = tl.load(ptrs, mask=mask & inside, other=0.0).to(tl.float32)
-    ptrs, mask = state_tile(final, n, h, H, M, KV, start, width, d0, BD)
-    return inner + tl.load(ptrs, mask=mask & (inside == 0), other=0.0)

@@ -177,7 +177,7 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     return o, final, (b, b_last, states, z, lse, W)
 
 
-def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: ChunkLayout, g_dtype: torch.dtype):
+def chunk_backward(q, k, v, s, do, d_final, saved, scale: float, layout: ChunkLayout, g_dtype: torch.dtype):
     """Gradients of q, k, v, s, g (in g_dtype, cast from fp32 in the kernel) and of the initial state. d_final:
     gradient of the final state, or None."""
     b, b_last, states, z, lse, W = saved
@@ -200,6 +200,6 @@ def chunk_backward(q, k, v, s, do, d_final, final, saved, scale: float, layout: 
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
     dg = empty(T, H, M, device=dev, dtype=g_dtype)
-    _launch(bwd_kv_kernel, (NC, H), q, k, v, s, b, b_last, states, final, D, do, W, Wd, p, dzs, pz, dk, dv, ds, dg,
-            *tables, layout.chunk_offsets, **sizes)
+    _launch(bwd_kv_kernel, (NC, H), q, k, v, s, b, b_last, states, D, do, W, Wd, p, dzs, pz, dk, dv, ds, dg, *tables,
+            **sizes)
     return dq, dk, dv, ds, dg, d_init
