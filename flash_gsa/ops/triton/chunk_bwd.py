@@ -33,7 +33,6 @@ from .tiles import chunk_block, chunk_span, load_slots, load_tile, state_tile, s
 
 @triton.jit
 def bwd_query_kernel(
-    k,
     v,
     s,
     b_buf,
@@ -41,7 +40,6 @@ def bwd_query_kernel(
     do,
     z_buf,
     lse_buf,
-    dq,
     p_buf,
     dzs_buf,
     pz_buf,
@@ -100,14 +98,7 @@ def bwd_query_kernel(
     Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     tl.store(chunk_block(Wd_buf, c, hq, HQ, C, C), Wd.to(Wd_buf.dtype.element_ty))
 
-    dze = (dzs * tl.exp(b)).to(k.dtype.element_ty)
-    tl.store(chunk_block(wq_buf, c, hq, HQ, C, M), dze.to(wq_buf.dtype.element_ty))
-    Wd = Wd.to(k.dtype.element_ty)
-    for k0 in range(0, K, BK):
-        ptrs, mask = state_tile(S, c, h, H, M, K + V, 0, K, k0, BK)
-        hk = tl.load(ptrs, mask=mask, other=0.0).to(dze.dtype)
-        store_tile(dq, dot(dze, hk) + dot(Wd, load_tile(k, t0, h, H, K, k0, n_rows, C, BK)), t0, hq, HQ, K, k0,
-                   n_rows, C, BK)
+    tl.store(chunk_block(wq_buf, c, hq, HQ, C, M), (dzs * tl.exp(b)).to(wq_buf.dtype.element_ty))
 
 
 @triton.jit
@@ -123,9 +114,11 @@ def bwd_kv_kernel(
     do,
     W_buf,
     Wd_buf,
+    wq_buf,
     p_buf,
     dzs_buf,
     pz_buf,
+    dq,
     dk,
     dv,
     ds,
@@ -165,12 +158,12 @@ def bwd_kv_kernel(
     from_state = tl.zeros([C, M], dtype=tl.float32)  # k @ dhk_out + v @ dhv_out^T
     entering = tl.zeros([M], dtype=tl.float32)  # <state entering the chunk, dh_out>
     from_state, entering, A = _grad_half(k, q, Wd_buf, dk, D, S, w, from_state, entering, c, h, t0, n_rows, 0, H, G,
-                                         K, M, KV, C, BK)
+                                         K, M, KV, C, BK, wq_buf, dq, True)
     dzs = load_slots(dzs_buf, t0, h * G, HQ, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))  # loaded again rather than kept through the tile loops
     grad_s = value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     from_state, entering, DV = _grad_half(v, do, W_buf, dv, D, S, w, from_state, entering, c, h, t0, n_rows, K, H,
-                                          G, V, M, KV, C, BV)
+                                          G, V, M, KV, C, BV, wq_buf, dq, False)
     p = load_slots(p_buf, t0, h * G, HQ, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
@@ -200,24 +193,38 @@ def bwd_kv_kernel(
 @triton.jit
 def _grad_half(x, src, W_buf, out, D, S, w, from_state, entering, c, h, t0, n_rows, start: tl.constexpr,
                H: tl.constexpr, G: tl.constexpr, width: tl.constexpr, M: tl.constexpr, KV: tl.constexpr,
-               C: tl.constexpr, BD: tl.constexpr):
+               C: tl.constexpr, BD: tl.constexpr, wq_buf, dq, QUERY: tl.constexpr):
     """One half of bwd_kv's tile loops: keys (x = k, src = q, W = Wd, out = dk, start = 0) or values (x = v, src =
     do, W = W, out = dv, start = K). Writes out = w @ D_half + sum_j W_j^T src_j over the group's query heads j, and
     returns from_state + x @ D_half^T [C, M], entering + <state entering the chunk, D> over the half's columns [M] and
     src_0 @ x^T [C, C] of the group's first head (q k^T or do v^T)."""
     HQ: tl.constexpr = H * G
     first = tl.zeros([C, C], dtype=tl.float32)
+    W0 = tl.load(chunk_block(W_buf, c, h * G, HQ, C, C))  # the first head's [C, C] weights, loaded once
+    if QUERY:  # ... and its dq weights (the other heads' are loaded per tile)
+        wq0 = tl.load(chunk_block(wq_buf, c, h * G, HQ, C, M))
     for d0 in range(0, width, BD):
         xt = load_tile(x, t0, h, H, width, d0, n_rows, C, BD)
         ptrs, mask = state_tile(D, c, h, H, M, KV, start, width, d0, BD)
         d_out = tl.load(ptrs, mask=mask, other=0.0).to(xt.dtype)
         from_state += dot(xt, tl.trans(d_out))
         ptrs, mask = state_tile(S, c, h, H, M, KV, start, width, d0, BD)
-        entering += tl.sum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * d_out.to(tl.float32), axis=1)
+        state = tl.load(ptrs, mask=mask, other=0.0).to(xt.dtype)
+        entering += tl.sum(state.to(tl.float32) * d_out.to(tl.float32), axis=1)
         acc = dot(w, d_out)
         for j in tl.static_range(G):
             st = load_tile(src, t0, h * G + j, HQ, width, d0, n_rows, C, BD)
-            acc += dot(tl.trans(tl.load(chunk_block(W_buf, c, h * G + j, HQ, C, C)).to(st.dtype)), st)
+            if j == 0:
+                Wj = W0.to(st.dtype)
+            else:
+                Wj = tl.load(chunk_block(W_buf, c, h * G + j, HQ, C, C)).to(st.dtype)
+            acc += dot(tl.trans(Wj), st)
+            if QUERY:  # dq = wq @ hk + Wd @ k
+                if j == 0:
+                    wq = wq0.to(xt.dtype)
+                else:
+                    wq = tl.load(chunk_block(wq_buf, c, h * G + j, HQ, C, M)).to(xt.dtype)
+                store_tile(dq, dot(wq, state) + dot(Wj, xt), t0, h * G + j, HQ, width, d0, n_rows, C, BD)
             if j == 0:
                 first += dot(st, tl.trans(xt))
         store_tile(out, acc, t0, h, H, width, d0, n_rows, C, BD)

@@ -193,13 +193,13 @@ def chunk_backward(q, k, v, s, do, d_final, saved, scale: float, layout: ChunkLa
     pz = empty(T, HQ, M, device=dev, dtype=f32)
     Wd = empty(NC, HQ, C, C, device=dev, dtype=low)
     wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
-    _launch(bwd_query_kernel, (NC, HQ), k, v, s, b, states, do, z, lse, dq, p, dzs, pz, Wd, wq, wdo, *tables, scale,
+    _launch(bwd_query_kernel, (NC, HQ), v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, *tables, scale,
             **sizes)
     D = empty(NC, H, M, K + V, device=dev, dtype=low)
     d_init = _scan((wq, wdo), (q, do), D, b_last, d_final, layout, H, G, reverse=True)
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
     dg = empty(T, H, M, device=dev, dtype=g_dtype)
-    _launch(bwd_kv_kernel, (NC, H), q, k, v, s, b, b_last, states, D, do, W, Wd, p, dzs, pz, dk, dv, ds, dg, *tables,
+    _launch(bwd_kv_kernel, (NC, H), q, k, v, s, b, b_last, states, D, do, W, Wd, wq, p, dzs, pz, dq, dk, dv, ds, dg, *tables,
             **sizes)
     return dq, dk, dv, ds, dg, d_init
