@@ -22,7 +22,7 @@ The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1) 
 Two kernels around the reverse scan: bwd_slots (per chunk and query head) forms the slot-level gradients, which need
 only the hv half of the states; bwd_tokens (per chunk and kv-head) forms every token gradient, dq included: the hk
 tiles that dq takes are the ones it reads for <S, dh_out> anyway, so no kernel reads the hk half twice.
-Buffers written here: p and dzs [T', HQ, M] in the state dtype, pz = p*dp + z*dz [T', HQ, M] fp32; Wd =
+Buffers written here: p, dzs and pz = p*dp + z*dz [T', HQ, M] in the state dtype; Wd =
 key_decay(dzs) [NC, HQ, C, C] in the state dtype; wq and wdo [NC, HQ, C, M] in q's dtype; dg [T', H, M] in g's dtype
 (summed in fp32).
 """

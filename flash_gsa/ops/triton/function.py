@@ -186,12 +186,11 @@ def chunk_backward(q, k, v, s, do, d_final, saved, scale: float, layout: ChunkLa
     H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
     G, C, NC = HQ // H, layout.chunk, layout.num_chunks
     sizes = _sizes(q, k, v, M, layout, config.LOWP_BACKWARD)
-    dev, f32, low = q.device, torch.float32, state_dtype(q.dtype)
+    dev, low = q.device, state_dtype(q.dtype)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
     dq = empty(*q.shape, device=dev, dtype=q.dtype)
-    p, dzs = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(2))  # (bf16 for 16-bit inputs: half the bytes)
-    pz = empty(T, HQ, M, device=dev, dtype=f32)
+    p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(3))  # (bf16 for 16-bit inputs: half the bytes)
     Wd = empty(NC, HQ, C, C, device=dev, dtype=low)
     wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
     _launch(bwd_slots_kernel, (NC, HQ), v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, *tables, scale,
