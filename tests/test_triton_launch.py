@@ -1,7 +1,8 @@
 """The launch cache (`launch.launch`, used by `function._launch`): after the first launch of a specialization, the
 compiled kernel is launched directly, with every argument in signature order; anything Triton specializes on (a
 tensor's dtype or 16-byte alignment, an integer's being 1 or a multiple of 16, a compile-time size, warps, stages,
-the register cap) compiles anew. Compiled kernels need a GPU, so a stand-in records what Triton would have been asked to do."""
+the register cap) compiles anew. Compiled kernels need a GPU, so a stand-in records what Triton would have been asked
+to do."""
 
 from types import SimpleNamespace
 
