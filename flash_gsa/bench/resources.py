@@ -142,8 +142,7 @@ def training_kernel_resources(
         o, _, saved = chunk_forward(q, k, v, g, s, 1.0, None, layout)
         chunk_backward(q, k, v, s, torch.randn_like(o), None, saved, 1.0, layout, g.dtype)
     records, seen = [], set()
-    for name, const, kernel in compiled:
-        name += " (exact path)" if const.get("EXACT") else ""  # the kernels compiled twice, for each intra path
+    for name, _, kernel in compiled:
         if name in seen:  # the scan runs twice (forward and reverse) with the same resources
             continue
         seen.add(name)
