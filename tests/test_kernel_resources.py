@@ -4,7 +4,9 @@ supported sizes.
 The kernels are compiled for sm_90 on this (GPU-less) machine by `gsa bench resources` (Triton and its bundled ptxas
 need no device), in a subprocess because the test session runs Triton in interpreter mode. A kernel whose shared
 memory exceeds the H100's 227 KiB per block fails at launch with OutOfResources, which the interpreter never shows:
-before chunk sizes depended on M, M = 128 with K = V = 256 needed 320 KiB in bwd_query.
+before chunk sizes depended on M, M = 128 with K = V = 256 needed 320 KiB in bwd_query; with float32 inputs there,
+chunk_output needed 256 KiB at its two pipeline stages (the records are the kernels as they launch: `launch.launch`
+compiles a kernel that does not fit again with fewer stages, and `gsa bench resources` does the same).
 """
 
 import json
@@ -19,12 +21,15 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build has no bundled ptxas")
-def test_largest_shapes_fit_h100_shared_memory(tmp_path):
-    shapes = ["512,512,256", "256,256,128", "512,512,64", "512,16,16"]
+@pytest.mark.parametrize(("dtype", "shapes"), [
+    ("bf16", ["512,512,256", "256,256,128", "512,512,64", "512,16,16"]),
+    ("fp32", ["512,512,256", "256,256,128"]),  # fp32 tiles: twice the bytes of shared memory
+])
+def test_largest_shapes_fit_h100_shared_memory(tmp_path, dtype, shapes):
     out = tmp_path / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    cmd = [sys.executable, "-m", "flash_gsa.bench.resources", "--json", str(out)]
+    cmd = [sys.executable, "-m", "flash_gsa.bench.resources", "--json", str(out), "--dtype", dtype]
     for shape in shapes:
         cmd += ["--shape", shape]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -133,3 +133,35 @@ def test_direct_launch_calls_the_c_launcher_with_tritons_leading_arguments(kerne
     else:
         assert kernel.log == [("c_launch", (5, 1, 1, 77, 1234, False, True, None, None, (4, 1, 0), None, None, None,
                                             x, y, 7, 0.25, 64, 32, bk, bv))]
+
+
+@pytest.mark.parametrize("fits_at", [2, 1, 0])
+def test_too_much_shared_memory_takes_fewer_stages(kernel, monkeypatch, fits_at):
+    """A first launch that fails with OutOfResources (more shared memory than the GPU has) compiles again with one
+    pipeline stage fewer, down to one; later launches of that specialization go straight to the kernel that fit. A
+    kernel that does not fit at one stage raises."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setitem(config.NUM_STAGES, "output", 3)
+
+    class K(_Kernel):
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.log.append(("compile", kwargs["num_stages"]))
+                if kwargs["num_stages"] > fits_at:
+                    raise OutOfResources(240_000 * kwargs["num_stages"], 232_448, "shared memory")
+                return _Compiled(self.log)
+
+            return run
+
+    k = K("chunk_output_kernel", kernel.arg_names)
+    x = torch.randn(64)
+    if fits_at == 0:
+        with pytest.raises(OutOfResources):
+            function._launch(k, (1,), x, x, 3, 1.0, K=32, V=32)
+        assert k.log == [("compile", 3), ("compile", 2), ("compile", 1)]
+        return
+    function._launch(k, (1,), x, x, 3, 1.0, K=32, V=32)
+    function._launch(k, (2,), x, x, 3, 1.0, K=32, V=32)
+    tried = [("compile", n) for n in range(3, fits_at - 1, -1)]
+    assert k.log[:-1] == tried and k.log[-1][0] == "direct" and k.log[-1][1] == (2, 1, 1)

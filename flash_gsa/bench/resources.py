@@ -6,10 +6,13 @@ Triton lowers a kernel to PTX and runs ptxas without touching a device, so the l
 run on CPU tensors with two things swapped in: a stand-in driver that names the target (sm_90, the H100, by default)
 and a `JITFunction.run` that compiles instead of launching. Registers, stack and spills come from `ptxas -v` on the PTX,
 shared memory from Triton's metadata. Nothing is timed: this catches kernels that cannot launch (shared
-memory above the per-block limit) and register spills, which make a kernel slow, before any GPU is at hand.
+memory above the per-block limit) and register spills, which make a kernel slow, before any GPU is at hand. A kernel
+whose shared memory exceeds the limit is compiled again with fewer pipeline stages, as `launch.launch` does on a GPU;
+the records are the kernels as they launch.
 
-    gsa bench resources                      # the benchmark shapes and the largest supported ones
+    gsa bench resources                      # the benchmark shapes and the largest supported ones (bf16 inputs)
     gsa bench resources --shape 256,256,128  # K,V,M
+    gsa bench resources --dtype fp32         # float32 inputs (tiles of twice the bytes)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ SHARED_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472}
 SHARED_RESERVED_PER_BLOCK = 1024
 REGISTERS_PER_SM = 65536
 DEFAULT_SHAPES = ((256, 256, 64), (512, 512, 64), (256, 256, 128), (512, 512, 256), (64, 64, 16))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -49,6 +53,8 @@ class KernelResources:
     spill_bytes: int  # bytes of spill stores + spill loads in the code (static counts, not traffic)
     fits: bool  # shared memory within the per-block limit: the kernel can launch
     shared_per_sm: int  # of the target
+    num_stages: int = 0  # software pipelining stages it was compiled with (fewer than config's if they did not fit)
+    dtype: str = ""  # of the inputs (q, k, v) it was compiled for; "" for the model's kernels
 
     @property
     def blocks_per_sm(self) -> int:
@@ -89,6 +95,7 @@ def offline_compilation(arch: int = 90) -> Iterator[list[tuple[str, dict, object
         raise RuntimeError("offline compilation needs the kernels compiled, not interpreted: unset TRITON_INTERPRET")
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
+    from triton.runtime.errors import OutOfResources
     from triton.runtime.jit import JITFunction
 
     class _Target:
@@ -110,6 +117,10 @@ def offline_compilation(arch: int = 90) -> Iterator[list[tuple[str, dict, object
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append((self.fn.__name__, kwargs, kernel))
+        limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
+        if kernel.metadata.shared > limit and kwargs.get("num_stages", 1) > 1:
+            # as a launch on the target would fail: launch.launch then compiles it with one stage fewer
+            raise OutOfResources(kernel.metadata.shared, limit, "shared memory")
         return kernel
 
     from ..ops.triton import launch
@@ -129,7 +140,8 @@ def offline_compilation(arch: int = 90) -> Iterator[list[tuple[str, dict, object
 def training_kernel_resources(
     K: int, V: int, M: int, *, G: int = 1, dtype: torch.dtype = torch.bfloat16, arch: int = 90
 ) -> list[KernelResources]:
-    """Compile the forward and backward kernels of the triton backend for one shape; one record per kernel."""
+    """Compile the forward and backward kernels of the triton backend for one shape and input dtype; one record per
+    kernel, as it launches (with fewer pipeline stages where config's did not fit)."""
     from ..ops.triton import config
     from ..ops.triton.function import chunk_backward, chunk_forward, layout_for
 
@@ -141,13 +153,10 @@ def training_kernel_resources(
     with offline_compilation(arch) as compiled:
         o, _, saved = chunk_forward(q, k, v, g, s, 1.0, None, layout)
         chunk_backward(q, k, v, s, torch.randn_like(o), None, saved, 1.0, layout, g.dtype)
-    records, seen = [], set()
+    launched = {}  # the last compilation of each kernel: the one that launches (the scan's two directions share it)
     for name, _, kernel in compiled:
-        if name in seen:  # the scan runs twice (forward and reverse) with the same resources
-            continue
-        seen.add(name)
-        records.append(_record(name, kernel, K, V, M, arch))
-    return records
+        launched[name] = kernel
+    return [_record(name, kernel, K, V, M, arch, dtype) for name, kernel in launched.items()]
 
 
 def decode_kernel_resources(
@@ -164,7 +173,7 @@ def decode_kernel_resources(
     with offline_compilation(arch) as compiled:
         launch_decode_kernel(q, k, v, g, s, 1.0, hk, hv, hk, hv, torch.empty_like(q[..., :1].expand(1, 1, H * G, V)),
                              None, 1, True)
-    return [_record(name, kernel, K, V, M, arch) for name, _, kernel in compiled]
+    return [_record(name, kernel, K, V, M, arch, dtype) for name, _, kernel in compiled]
 
 
 def model_kernel_resources(vocab: int = 32000, hidden: int = 1024, *, arch: int = 90) -> list[KernelResources]:
@@ -184,24 +193,27 @@ def model_kernel_resources(vocab: int = 32000, hidden: int = 1024, *, arch: int 
     return [_record(name, kernel, 0, 0, 0, arch) for name, _, kernel in compiled]
 
 
-def _record(name: str, kernel, K: int, V: int, M: int, arch: int) -> KernelResources:
+def _record(name: str, kernel, K: int, V: int, M: int, arch: int, dtype: torch.dtype | None = None) -> KernelResources:
     md = kernel.metadata
     return KernelResources(
         name, K, V, M, md.num_warps, md.shared, **_ptxas_report(kernel.asm["ptx"], arch),
         fits=md.shared <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]),
         shared_per_sm=SHARED_PER_SM.get(arch, SHARED_PER_SM[90]),
+        num_stages=md.num_stages, dtype="" if dtype is None else str(dtype).removeprefix("torch."),
     )
 
 
 def format_table(records: Sequence[KernelResources]) -> str:
     lines = [
-        "| K | V | M | kernel | warps | shared KiB | regs | stack B | spill B | blocks/SM | launches |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | K | V | M | kernel | warps | stages | shared KiB | regs | stack B | spill B | blocks/SM | launches "
+        "|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r.K} | {r.V} | {r.M} | {r.kernel} | {r.num_warps} | {r.shared_bytes / 1024:.0f} | {r.registers} "
-            f"| {r.stack_bytes} | {r.spill_bytes} | {r.blocks_per_sm} | {'yes' if r.fits else 'NO'} |"
+            f"| {r.dtype or '-'} | {r.K} | {r.V} | {r.M} | {r.kernel} | {r.num_warps} | {r.num_stages} "
+            f"| {r.shared_bytes / 1024:.0f} | {r.registers} | {r.stack_bytes} | {r.spill_bytes} | {r.blocks_per_sm} "
+            f"| {'yes' if r.fits else 'NO'} |"
         )
     return "\n".join(lines)
 
@@ -218,11 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gsa bench resources", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", type=_shape, action="append", metavar="K,V,M", help="repeatable (default: a set)")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
+    p.add_argument("--dtype", choices=DTYPES, action="append", help="of the inputs; repeatable (default: bf16)")
     p.add_argument("--json", help="also write the records (stamped: versions, commit, date) to this JSON file")
     args = p.parse_args(argv)
     records = []
-    for K, V, M in args.shape or DEFAULT_SHAPES:
-        records += training_kernel_resources(K, V, M, arch=args.arch) + decode_kernel_resources(K, V, M, arch=args.arch)
+    for name in args.dtype or ["bf16"]:
+        for K, V, M in args.shape or DEFAULT_SHAPES:
+            kw = dict(dtype=DTYPES[name], arch=args.arch)
+            records += training_kernel_resources(K, V, M, **kw) + decode_kernel_resources(K, V, M, **kw)
     records += model_kernel_resources(arch=args.arch)
     print(format_table(records))
     if args.json:

@@ -6,7 +6,8 @@ fwd+bwd at hidden 1024, T = 2048 spent 1.51 ms of CPU time per call against ~1.1
 Triton's path the first time it sees a specialization and keeps the compiled kernel; later launches of the same
 specialization call its C launch function directly (`_direct`). A specialization is what Triton compiles anew for:
 the kernel, the device, the dtype and 16-byte alignment of every tensor argument, whether an integer argument is 1
-or a multiple of 16 (and its width), which arguments are None, the compile-time arguments, warps and stages.
+or a multiple of 16 (and its width), which arguments are None, the compile-time arguments, warps and stages. A
+kernel that needs more shared memory than the GPU has is compiled again with fewer pipeline stages.
 
 Under Triton's interpreter (TRITON_INTERPRET=1) nothing is compiled: there every launch takes Triton's path.
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 from triton import knobs
+from triton.runtime.errors import OutOfResources
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -77,7 +79,16 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, const: dict, num_warps: i
     key = (id(kernel), device, tuple(map(_specialization, args)), tuple(const.items()), num_warps, num_stages)
     entry = COMPILED.get(key)
     if entry is None:
-        compiled = kernel[grid](*args, **const, num_warps=num_warps, num_stages=num_stages)
+        try:
+            compiled = kernel[grid](*args, **const, num_warps=num_warps, num_stages=num_stages)
+        except OutOfResources:
+            # More shared memory than the GPU has (fp32 tiles at large K, V or M): one pipeline stage fewer, down to
+            # one; later launches of this specialization take that kernel directly.
+            if num_stages == 1:
+                raise
+            compiled = launch(kernel, grid, args, const, num_warps, num_stages - 1)
+            COMPILED[key] = COMPILED[key[:-1] + (num_stages - 1,)]
+            return compiled
         in_order = tuple(const[name] for name in kernel.arg_names[len(args):])
         COMPILED[key] = (compiled, in_order, _direct(compiled))
         return compiled
