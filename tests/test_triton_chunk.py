@@ -247,6 +247,15 @@ TOL_REAL_DG = 6e-2
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (on CPU, tests/test_kernel_resources.py compiles these kernels)")
+def test_fp32_wide_tiles_on_gpu(device, seed, poison):
+    """float32 inputs at K = V = 256, M = 128: chunk_output's tiles need more shared memory than an H100 has at its
+    configured pipeline stages, so its first launch compiles it again with fewer (launch.launch). Checked like every
+    case above."""
+    check_case(Case(T=130, M=128, HQ=2, H=1, K=256, V=256), device, seed, poison)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: a real-size run (on CPU the interpreter covers the kernels)")
 @pytest.mark.parametrize("KV", [256, 512])
 def test_real_size_bf16_on_gpu(device, KV):
