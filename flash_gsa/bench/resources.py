@@ -204,11 +204,9 @@ def _record(name: str, kernel, K: int, V: int, M: int, arch: int, dtype: torch.d
 
 
 def format_table(records: Sequence[KernelResources]) -> str:
-    lines = [
-        "| dtype | K | V | M | kernel | warps | stages | shared KiB | regs | stack B | spill B | blocks/SM | launches "
-        "|",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = ["dtype", "K", "V", "M", "kernel", "warps", "stages", "shared KiB", "regs", "stack B", "spill B",
+               "blocks/SM", "launches"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
         lines.append(
             f"| {r.dtype or '-'} | {r.K} | {r.V} | {r.M} | {r.kernel} | {r.num_warps} | {r.num_stages} "
