@@ -4,8 +4,9 @@ Runs on CUDA when there is one, else on the CPU through Triton's interpreter (te
 sizes stay small and every feature is covered by a handful of combined cases. Inputs are fresh random draws on every
 run (the seed is in each failure message). Every buffer and output the backend allocates goes through
 `flash_gsa.ops.triton.function.empty`, which is made to return NaN-filled tensors: an element the kernels fail to
-write, or read before writing, shows up as NaN. Checked: outputs, final states and the gradients of q, k, v, g, s
-and of the initial state, under a loss that weighs o and both final states with random weights.
+write, or read before writing, shows up as NaN; under the interpreter every address a kernel loads or stores must
+also lie inside one of its tensors (interpreter_bounds). Checked: outputs, final states and the gradients of q, k,
+v, g, s and of the initial state, under a loss that weighs o and both final states with random weights.
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter_bounds import checked_accesses
 
 import flash_gsa
 import flash_gsa.ops.triton.function as function
@@ -51,6 +53,18 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(function, "empty", nan_empty)
     return calls
+
+
+@pytest.fixture(autouse=True)
+def in_bounds():
+    """Under the interpreter, every load and store of every launch must fall inside the launch's tensors
+    (interpreter_bounds); on a GPU, compute-sanitizer's memcheck does this (benchmarks/run_gpu_checks.sh)."""
+    if HAS_CUDA:
+        yield
+        return
+    with checked_accesses() as violations:
+        yield
+    assert not violations, f"out-of-bounds accesses (kernel, kind, elements): {violations[:8]}"
 
 
 @dataclass
