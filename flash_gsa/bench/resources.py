@@ -36,6 +36,13 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SHARED_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472}
 SHARED_RESERVED_PER_BLOCK = 1024
 REGISTERS_PER_SM = 65536
+
+
+def _shared_limit(arch: int) -> int:
+    """Per-block shared memory of compute capability `arch` (the H100's where it is not in the table)."""
+    return SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
+
+
 DEFAULT_SHAPES = ((256, 256, 64), (512, 512, 64), (256, 256, 128), (512, 512, 256), (64, 64, 16))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -113,11 +120,11 @@ def offline_compilation(arch: int = 90) -> Iterator[list[tuple[str, dict, object
 
     compiled: list[tuple[str, dict, object]] = []
     run = JITFunction.run
+    limit = _shared_limit(arch)
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append((self.fn.__name__, kwargs, kernel))
-        limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
         if kernel.metadata.shared > limit and kwargs.get("num_stages", 1) > 1:
             # as a launch on the target would fail: launch.launch then compiles it with one stage fewer
             raise OutOfResources(kernel.metadata.shared, limit, "shared memory")
@@ -197,7 +204,7 @@ def _record(name: str, kernel, K: int, V: int, M: int, arch: int, dtype: torch.d
     md = kernel.metadata
     return KernelResources(
         name, K, V, M, md.num_warps, md.shared, **_ptxas_report(kernel.asm["ptx"], arch),
-        fits=md.shared <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]),
+        fits=md.shared <= _shared_limit(arch),
         shared_per_sm=SHARED_PER_SM.get(arch, SHARED_PER_SM[90]),
         num_stages=md.num_stages, dtype="" if dtype is None else str(dtype).removeprefix("torch."),
     )
