@@ -30,15 +30,15 @@ VARIANTS = {
     "default": {},
     # software pipelining of the K / V tile loops: one stage fewer than the defaults
     "output_stages1": dict(NUM_STAGES={**config.NUM_STAGES, "output": 1}),
-    "bwd_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 2, "bwd_kv": 2}),
-    "bwd_kv_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_kv": 2}),
-    "bwd_kv_stages4": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_kv": 4}),
-    "bwd_query_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_query": 2}),
+    "bwd_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_slots": 2, "bwd_tokens": 2}),
+    "bwd_tokens_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_tokens": 2}),
+    "bwd_tokens_stages4": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_tokens": 4}),
+    "bwd_slots_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_slots": 2}),
     # one tile width for every kernel: 64 (twice the loop trips at K = V = 512, smaller products) or 128
     "tiles64": dict(TILE=dict.fromkeys(config.TILE, 64)),
     "tiles128": dict(TILE=dict.fromkeys(config.TILE, 128)),
-    # bwd_kv alone with 128-wide tiles (fewer trips; more live registers)
-    "bwd_kv128": dict(TILE={**config.TILE, "bwd_kv": 128}),
+    # bwd_tokens alone with 128-wide tiles (fewer trips; more live registers)
+    "bwd_tokens128": dict(TILE={**config.TILE, "bwd_tokens": 128}),
     # narrower tiles: fewer live registers per trip
     "tiles32": dict(TILE=dict.fromkeys(config.TILE, 32)),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
@@ -47,9 +47,9 @@ VARIANTS = {
     # 64: 255 registers and spills), twice the chunks (states, scan steps)
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
     # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
-    "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8, "bwd_kv": 8}),
-    # 8 warps for bwd_kv alone (the kernel that spills most at 4: ~1 KB per thread)
-    "bwd_kv_w8": dict(NUM_WARPS={**config.NUM_WARPS, "bwd_kv": 8}),
+    "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_slots": 8, "bwd_tokens": 8}),
+    # 8 warps for bwd_tokens alone (the kernel that spills most at 4: ~1 KB per thread)
+    "bwd_tokens_w8": dict(NUM_WARPS={**config.NUM_WARPS, "bwd_tokens": 8}),
     # state tiles of the scan: 32 or 64 rows (slots) whatever the number of programs, 16 when programs are few, or
     # 128 / 32 columns per program
     "scan_rows32": dict(BLOCK_SCAN_M=(32, 32)),
@@ -62,8 +62,9 @@ VARIANTS = {
     "scan_n32": dict(BLOCK_SCAN=32),
     # 128-token chunks at M = 64: half the per-chunk states (the kernels move ~6 GB per fwd+bwd at hidden 2048, about
     # 2.6 GB of it states), twice the intra-chunk work per token; 8 warps for the [C, C] tiles (4 spill 10-13 KB)
-    "chunk128w8": dict(CHUNK={**config.CHUNK, 64: 128}, NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_query": 8,
-                       "bwd_kv": 8}, NUM_STAGES={**config.NUM_STAGES, "output": 2, "bwd_query": 2, "bwd_kv": 2}),
+    "chunk128w8": dict(CHUNK={**config.CHUNK, 64: 128},
+                       NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_slots": 8, "bwd_tokens": 8},
+                       NUM_STAGES={**config.NUM_STAGES, "output": 2, "bwd_slots": 2, "bwd_tokens": 2}),
 }
 TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN", "BLOCK_SCAN_M",
             "SCAN_MANY_PROGRAMS")

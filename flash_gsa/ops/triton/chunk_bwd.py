@@ -10,16 +10,19 @@ Gradients, per chunk (same notation as chunk_fwd; dz = gradient of the logits, d
            + <S_next, dh_out>, summed over K + V (per slot)
 where dh*_out is the gradient of the state leaving the chunk, found by a reverse scan (scan.py) that adds each
 chunk's own gradient of the state entering it, [(dzs * exp(b))^T q | (p * exp(b))^T do], from the weights
-wq = dzs * exp(b) and wdo = p * exp(b) that bwd_query writes.
+wq = dzs * exp(b) and wdo = p * exp(b) that bwd_slots writes.
 The last term of dg is what every later token adds, sum_{t' after the chunk} db_t' = dL/dg of the next chunk's first
 token = <state leaving the chunk (S_next: the next chunk's entering state, or the final one), its gradient dh_out>.
 Summing db over all later tokens of the sequence instead (a reverse cumulative sum across chunks) cancels terms that
 are much larger than the result: with bf16 operands that left dg 7.4e-2 off at T = 8192, against 2-4e-3 for every
-other gradient. The state form has no such cancellation. bwd_kv forms it from the state entering the chunk S:
+other gradient. The state form has no such cancellation. bwd_tokens forms it from the state entering the chunk S:
 S_next = exp(b_last) * S + w^T [k | v], so <S_next, dh_out> = exp(b_last) * <S, dh_out> + sum over the chunk's tokens
 of w * (k @ dhk_out + v @ dhv_out^T), whose last factor ds needs anyway.
 The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1) and W = key_decay(p).
-Buffers written here: p and dzs [T', HQ, M] in the state dtype, pz = p*dp + z*dz [T', HQ, M] fp32; Wd =
+Two kernels around the reverse scan: bwd_slots (per chunk and query head) forms the slot-level gradients, which need
+only the hv half of the states; bwd_tokens (per chunk and kv-head) forms every token gradient, dq included: the hk
+tiles that dq takes are the ones it reads for <S, dh_out> anyway, so no kernel reads the hk half twice.
+Buffers written here: p, dzs and pz = p*dp + z*dz [T', HQ, M] in the state dtype; Wd =
 key_decay(dzs) [NC, HQ, C, C] in the state dtype; wq and wdo [NC, HQ, C, M] in q's dtype; dg [T', H, M] in g's dtype
 (summed in fp32).
 """
@@ -32,8 +35,7 @@ from .tiles import chunk_block, chunk_span, load_slots, load_tile, state_tile, s
 
 
 @triton.jit
-def bwd_query_kernel(
-    k,
+def bwd_slots_kernel(
     v,
     s,
     b_buf,
@@ -41,7 +43,6 @@ def bwd_query_kernel(
     do,
     z_buf,
     lse_buf,
-    dq,
     p_buf,
     dzs_buf,
     pz_buf,
@@ -59,12 +60,11 @@ def bwd_query_kernel(
     M: tl.constexpr,
     C: tl.constexpr,
     SUB: tl.constexpr,
-    BK: tl.constexpr,
     BV: tl.constexpr,
     LOWP: tl.constexpr,
 ):
-    """One program per (chunk, query head). Reads the forward's logits z and lse (p = exp(z - lse)), s, b, the
-    states S entering the chunk, v, do and k. Writes dq, p, dzs, pz, Wd = key_decay(dzs) and the scan's weights
+    """One program per (chunk, query head). Reads the forward's logits z and lse (p = exp(z - lse)), s, b, the hv
+    half of the states S entering the chunk, v and do. Writes p, dzs, pz, Wd = key_decay(dzs) and the scan's weights
     wq = dzs * exp(b) and wdo = p * exp(b) (0 past the sequence's end)."""
     c = tl.program_id(0)
     hq = tl.program_id(1)
@@ -95,23 +95,16 @@ def bwd_query_kernel(
     store_slots(pz_buf, p * dp + z * dz, t0, hq, HQ, n_rows, C, M)
     tl.store(chunk_block(wdo_buf, c, hq, HQ, C, M), (p * tl.exp(b)).to(wdo_buf.dtype.element_ty))
 
-    write = load_slots(s, t0, h, H, n_rows, C, M)  # s and b loaded again rather than kept through the loop
+    write = load_slots(s, t0, h, H, n_rows, C, M)  # s and b loaded again rather than kept: fewer live registers
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     tl.store(chunk_block(Wd_buf, c, hq, HQ, C, C), Wd.to(Wd_buf.dtype.element_ty))
 
-    dze = (dzs * tl.exp(b)).to(k.dtype.element_ty)
-    tl.store(chunk_block(wq_buf, c, hq, HQ, C, M), dze.to(wq_buf.dtype.element_ty))
-    Wd = Wd.to(k.dtype.element_ty)
-    for k0 in range(0, K, BK):
-        ptrs, mask = state_tile(S, c, h, H, M, K + V, 0, K, k0, BK)
-        hk = tl.load(ptrs, mask=mask, other=0.0).to(dze.dtype)
-        store_tile(dq, dot(dze, hk) + dot(Wd, load_tile(k, t0, h, H, K, k0, n_rows, C, BK)), t0, hq, HQ, K, k0,
-                   n_rows, C, BK)
+    tl.store(chunk_block(wq_buf, c, hq, HQ, C, M), (dzs * tl.exp(b)).to(wq_buf.dtype.element_ty))
 
 
 @triton.jit
-def bwd_kv_kernel(
+def bwd_tokens_kernel(
     q,
     k,
     v,
@@ -123,9 +116,11 @@ def bwd_kv_kernel(
     do,
     W_buf,
     Wd_buf,
+    wq_buf,
     p_buf,
     dzs_buf,
     pz_buf,
+    dq,
     dk,
     dv,
     ds,
@@ -144,10 +139,10 @@ def bwd_kv_kernel(
     BV: tl.constexpr,
     LOWP: tl.constexpr,
 ):
-    """One program per (chunk, kv-head): the gradients of everything the kv-head writes. Reads q, k, v, do, s, b, the
-    state gradient D leaving the chunk, the state S entering it, and W, Wd and the p/dzs/pz buffers of the group's
-    query heads. Writes dk, dv, ds and dg.
-    One pass over the K tiles and one over the V tiles read each of k, v, D once, and q, do once for the group's
+    """One program per (chunk, kv-head): every token gradient of the kv-head and of its group's query heads. Reads q,
+    k, v, do, s, b, the state gradient D leaving the chunk, the state S entering it, and W, Wd, wq and the p/dzs/pz
+    buffers of the group's query heads. Writes dq (of the group's heads), dk, dv, ds and dg.
+    One pass over the K tiles and one over the V tiles read each of k, v, S, D once, and q, do once for the group's
     first head (the products of its other heads, q k^T and do v^T, take a second pass)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
@@ -165,12 +160,12 @@ def bwd_kv_kernel(
     from_state = tl.zeros([C, M], dtype=tl.float32)  # k @ dhk_out + v @ dhv_out^T
     entering = tl.zeros([M], dtype=tl.float32)  # <state entering the chunk, dh_out>
     from_state, entering, A = _grad_half(k, q, Wd_buf, dk, D, S, w, from_state, entering, c, h, t0, n_rows, 0, H, G,
-                                         K, M, KV, C, BK)
+                                         K, M, KV, C, BK, wq_buf, dq, True)
     dzs = load_slots(dzs_buf, t0, h * G, HQ, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))  # loaded again rather than kept through the tile loops
     grad_s = value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
     from_state, entering, DV = _grad_half(v, do, W_buf, dv, D, S, w, from_state, entering, c, h, t0, n_rows, K, H,
-                                          G, V, M, KV, C, BV)
+                                          G, V, M, KV, C, BV, wq_buf, dq, False)
     p = load_slots(p_buf, t0, h * G, HQ, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
@@ -200,24 +195,39 @@ def bwd_kv_kernel(
 @triton.jit
 def _grad_half(x, src, W_buf, out, D, S, w, from_state, entering, c, h, t0, n_rows, start: tl.constexpr,
                H: tl.constexpr, G: tl.constexpr, width: tl.constexpr, M: tl.constexpr, KV: tl.constexpr,
-               C: tl.constexpr, BD: tl.constexpr):
-    """One half of bwd_kv's tile loops: keys (x = k, src = q, W = Wd, out = dk, start = 0) or values (x = v, src =
-    do, W = W, out = dv, start = K). Writes out = w @ D_half + sum_j W_j^T src_j over the group's query heads j, and
-    returns from_state + x @ D_half^T [C, M], entering + <state entering the chunk, D> over the half's columns [M] and
-    src_0 @ x^T [C, C] of the group's first head (q k^T or do v^T)."""
+               C: tl.constexpr, BD: tl.constexpr, wq_buf, dq, QUERY: tl.constexpr):
+    """One half of bwd_tokens' tile loops: keys (x = k, src = q, W = Wd, out = dk, start = 0, QUERY: also dq) or
+    values (x = v, src = do, W = W, out = dv, start = K). Writes out = w @ D_half + sum_j W_j^T src_j over the group's
+    query heads j (and, QUERY, dq_j = wq_j @ hk + Wd_j @ k from the same state tiles), and returns from_state +
+    x @ D_half^T [C, M], entering + <state entering the chunk, D> over the half's columns [M] and src_0 @ x^T [C, C]
+    of the group's first head (q k^T or do v^T)."""
     HQ: tl.constexpr = H * G
     first = tl.zeros([C, C], dtype=tl.float32)
+    W0 = tl.load(chunk_block(W_buf, c, h * G, HQ, C, C))  # the first head's [C, C] weights, loaded once
+    if QUERY:  # ... and its dq weights (the other heads' are loaded per tile)
+        wq0 = tl.load(chunk_block(wq_buf, c, h * G, HQ, C, M))
     for d0 in range(0, width, BD):
         xt = load_tile(x, t0, h, H, width, d0, n_rows, C, BD)
         ptrs, mask = state_tile(D, c, h, H, M, KV, start, width, d0, BD)
         d_out = tl.load(ptrs, mask=mask, other=0.0).to(xt.dtype)
         from_state += dot(xt, tl.trans(d_out))
         ptrs, mask = state_tile(S, c, h, H, M, KV, start, width, d0, BD)
-        entering += tl.sum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * d_out.to(tl.float32), axis=1)
+        state = tl.load(ptrs, mask=mask, other=0.0).to(xt.dtype)
+        entering += tl.sum(state.to(tl.float32) * d_out.to(tl.float32), axis=1)
         acc = dot(w, d_out)
         for j in tl.static_range(G):
             st = load_tile(src, t0, h * G + j, HQ, width, d0, n_rows, C, BD)
-            acc += dot(tl.trans(tl.load(chunk_block(W_buf, c, h * G + j, HQ, C, C)).to(st.dtype)), st)
+            if j == 0:
+                Wj = W0.to(st.dtype)
+            else:
+                Wj = tl.load(chunk_block(W_buf, c, h * G + j, HQ, C, C)).to(st.dtype)
+            acc += dot(tl.trans(Wj), st)
+            if QUERY:  # dq = wq @ hk + Wd @ k
+                if j == 0:
+                    wq = wq0.to(xt.dtype)
+                else:
+                    wq = tl.load(chunk_block(wq_buf, c, h * G + j, HQ, C, M)).to(xt.dtype)
+                store_tile(dq, dot(wq, state) + dot(Wj, xt), t0, h * G + j, HQ, width, d0, n_rows, C, BD)
             if j == 0:
                 first += dot(st, tl.trans(xt))
         store_tile(out, acc, t0, h, H, width, d0, n_rows, C, BD)

@@ -8,9 +8,10 @@ SUB = 64  # sub-chunk inside a chunk: pairs within one are taken exactly, across
 # chunk: the fast path then takes one matrix product per intra-chunk form (four at 16), the exact path one pass per
 # diagonal (64); only chunks that decay by more than FAST_DECAY_LIMIT take the latter.
 FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
-TILE = {"output": 128, "bwd_query": 64, "bwd_kv": 64}  # width of the K and V tiles each kernel's
+TILE = {"output": 128, "bwd_slots": 64, "bwd_tokens": 64}  # width of the K and V tiles each kernel's
 # matrix products take (capped at K or V). From the H200 sweeps (benchmarks/tune_kernels.py, K = V = 256 and 512):
-# 128 made output 6-28% faster; bwd_kv (with the gate gradients) was 27-51% slower at 128 (more spills).
+# 128 made output 6-28% faster; bwd_tokens (then bwd_kv, with the gate gradients) was 27-51% slower at 128 (more
+# spills).
 MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 tiles, the products of [M, C] @ [C, 16]
 # as compiled by Triton 3.6 for an H200 read invalid shared memory (compute-sanitizer), then fault
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
@@ -25,8 +26,8 @@ SCAN_MANY_PROGRAMS = 256  # the first. H200, both scans, whose walks form each c
 # ahead of the stores as in the scan (chunk_states, commit 1496c3c): 0.44 / 0.87 ms against 0.19 / 0.34 ms for local +
 # forward scan; with two chunks per step 0.40 / 0.76 ms; with pipelined loads or 8 warps slower still.)
 
-NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_query": 4, "bwd_kv": 4}
-NUM_STAGES = {"local": 1, "scan": 1, "output": 2, "bwd_query": 3, "bwd_kv": 3}
+NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_slots": 4, "bwd_tokens": 4}
+NUM_STAGES = {"local": 1, "scan": 1, "output": 2, "bwd_slots": 3, "bwd_tokens": 3}
 # (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster. local has no loop; the scan issues
 # its loads ahead by hand, which left nothing for Triton's pipelining to take.)
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32

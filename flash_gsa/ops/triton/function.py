@@ -2,7 +2,7 @@
 `flash_gsa.ops.custom_op` wraps them as the torch.library ops `flash_gsa::triton_fwd` / `triton_bwd`.
 
 Forward:  chunk_local (per chunk) -> chunk_scan (across chunks) -> chunk_output (per chunk).
-Backward: bwd_query (per chunk) -> chunk_scan, reversed -> bwd_kv (per chunk).
+Backward: bwd_slots (per chunk) -> chunk_scan, reversed -> bwd_tokens (per chunk).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 
 from . import config
-from .chunk_bwd import bwd_kv_kernel, bwd_query_kernel
+from .chunk_bwd import bwd_slots_kernel, bwd_tokens_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel
 from .launch import launch
 from .scan import chunk_scan_kernel
@@ -81,9 +81,9 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class _KernelInfo:
-    name: str  # the kernel's key in config's tables: chunk_local_kernel -> "local", bwd_kv_kernel -> "bwd_kv"
+    name: str  # the kernel's key in config's tables: chunk_local_kernel -> "local", bwd_tokens_kernel -> "bwd_kv"
     takes: frozenset[str]  # its parameters
-    tiled: bool  # takes K / V tile widths (BK, BV)
+    tiled: bool  # takes K / V tile widths (BK and / or BV)
 
 
 _INFO: dict[int, _KernelInfo] = {}  # by id(kernel): hashing a JITFunction costs host time on every launch
@@ -93,7 +93,8 @@ def _info(kernel) -> _KernelInfo:
     info = _INFO.get(id(kernel))
     if info is None:
         name = kernel.fn.__name__.removesuffix("_kernel").removeprefix("chunk_")
-        info = _INFO[id(kernel)] = _KernelInfo(name, frozenset(kernel.arg_names), "BK" in kernel.arg_names)
+        takes = frozenset(kernel.arg_names)
+        info = _INFO[id(kernel)] = _KernelInfo(name, takes, not takes.isdisjoint({"BK", "BV"}))
     return info
 
 
@@ -185,21 +186,20 @@ def chunk_backward(q, k, v, s, do, d_final, saved, scale: float, layout: ChunkLa
     H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
     G, C, NC = HQ // H, layout.chunk, layout.num_chunks
     sizes = _sizes(q, k, v, M, layout, config.LOWP_BACKWARD)
-    dev, f32, low = q.device, torch.float32, state_dtype(q.dtype)
+    dev, low = q.device, state_dtype(q.dtype)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
 
     dq = empty(*q.shape, device=dev, dtype=q.dtype)
-    p, dzs = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(2))  # (bf16 for 16-bit inputs: half the bytes)
-    pz = empty(T, HQ, M, device=dev, dtype=f32)
+    p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(3))  # (bf16 for 16-bit inputs: half the bytes)
     Wd = empty(NC, HQ, C, C, device=dev, dtype=low)
     wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
-    _launch(bwd_query_kernel, (NC, HQ), k, v, s, b, states, do, z, lse, dq, p, dzs, pz, Wd, wq, wdo, *tables, scale,
+    _launch(bwd_slots_kernel, (NC, HQ), v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, *tables, scale,
             **sizes)
     D = empty(NC, H, M, K + V, device=dev, dtype=low)
     d_init = _scan((wq, wdo), (q, do), D, b_last, d_final, layout, H, G, reverse=True)
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
     dg = empty(T, H, M, device=dev, dtype=g_dtype)
-    _launch(bwd_kv_kernel, (NC, H), q, k, v, s, b, b_last, states, D, do, W, Wd, p, dzs, pz, dk, dv, ds, dg, *tables,
-            **sizes)
+    _launch(bwd_tokens_kernel, (NC, H), q, k, v, s, b, b_last, states, D, do, W, Wd, wq, p, dzs, pz, dq, dk, dv, ds,
+            dg, *tables, **sizes)
     return dq, dk, dv, ds, dg, d_init

@@ -12,7 +12,9 @@ and pairs inside one sub-chunk are taken exactly, one diagonal offset d at a tim
 Fast path: when no sub-chunk decays by more than FAST_DECAY_LIMIT in any slot (`fast_path_ok`; always so for the
 gates GSA produces in practice), the pairs inside sub-chunk I go through the same anchored matrix product as the
 earlier sub-chunks, under a causal mask: their key factor exp(beta - b_j) is then > 1 but below exp(FAST_DECAY_LIMIT),
-far from fp32's range. Otherwise the exact per-offset loop runs; both give the same values up to rounding.
+far from fp32's range. Otherwise the exact per-offset loop runs; both give the same values up to rounding. Each form
+takes the two paths as separate branches, the fast one free of selects on the runtime flag (with the flag threaded
+through one shared body, fwd+bwd took 2% longer on the H200 at hidden 2048).
 
 The three forms:
     value_decay(A, s)[i, m]   = sum_{j<=i} A[i, j] * s[j, m] * exp(b[i, m] - b[j, m])     (pass-1 logits, dp)
@@ -102,21 +104,32 @@ def value_decay(
     """out[i, m] = sum_{j<=i} A[i, j] s[j, m] exp(b[i, m] - b[j, m]). A [C, C]; s, b [C, M]; returns [C, M] fp32."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
-    out = tl.zeros([C, M], dtype=tl.float32)
     if fast:
-        A = tl.where(cols[None, :] <= rows[:, None], A, 0.0)
-    for I in tl.static_range(C // SUB):  # through the anchor of sub-chunk I (beta = 0 for I = 0)
-        beta = anchor(b_rows, I, M, SUB)
-        reach = tl.where(fast, (I + 1) * SUB, I * SUB)
-        key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
-        lift = tl.where((rows // SUB == I)[:, None], tl.exp(b - beta[None, :]), 0.0)
-        out += lift * mm(A, key, LOWP)
-    if not fast:
+        out = _value_decay_anchored(tl.where(cols[None, :] <= rows[:, None], A, 0.0), s, b, b_rows, C, M, SUB, LOWP,
+                                    True)
+    else:
+        out = _value_decay_anchored(A, s, b, b_rows, C, M, SUB, LOWP, False)
         for d in range(SUB):  # pairs (i, i - d) inside a sub-chunk
             s_d, ok = load_rows_shifted(s_rows, d, s_stride, n_rows, C, M, SUB)
             b_d, _ = load_rows_shifted(b_rows, d, M, C, C, M, SUB)
             a_d = tl.sum(tl.where(cols[None, :] == rows[:, None] - d, A, 0.0), axis=1)
             out += tl.where(ok[:, None], a_d[:, None] * s_d * tl.exp(b - b_d), 0.0)
+    return out
+
+
+@triton.jit
+def _value_decay_anchored(A, s, b, b_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr, LOWP: tl.constexpr,
+                          INSIDE: tl.constexpr):
+    """value_decay's pairs across sub-chunks, through the anchors (INSIDE: also the pairs inside one, A masked)."""
+    rows = tl.arange(0, C)
+    out = tl.zeros([C, M], dtype=tl.float32)
+    for I in tl.static_range(C // SUB):  # through the anchor of sub-chunk I (beta = 0 for I = 0)
+        beta = anchor(b_rows, I, M, SUB)
+        reach: tl.constexpr = (I + 1) * SUB if INSIDE else I * SUB
+        if reach > 0:
+            key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
+            lift = tl.where((rows // SUB == I)[:, None], tl.exp(b - beta[None, :]), 0.0)
+            out += lift * mm(A, key, LOWP)
     return out
 
 
@@ -138,21 +151,31 @@ def key_decay(
     """W[i, j] = sum_m x[i, m] s[j, m] exp(b[i, m] - b[j, m]) for j <= i, else 0. x, s, b [C, M]; returns [C, C]."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
-    W = tl.zeros([C, C], dtype=tl.float32)
-    for I in tl.static_range(C // SUB):
-        beta = anchor(b_rows, I, M, SUB)
-        reach = tl.where(fast, (I + 1) * SUB, I * SUB)
-        key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
-        xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
-        W += mm(xq, tl.trans(key), LOWP)
     if fast:
-        W = tl.where(cols[None, :] <= rows[:, None], W, 0.0)
+        W = tl.where(cols[None, :] <= rows[:, None], _key_decay_anchored(x, s, b, b_rows, C, M, SUB, LOWP, True), 0.0)
     else:
+        W = _key_decay_anchored(x, s, b, b_rows, C, M, SUB, LOWP, False)
         for d in range(SUB):
             s_d, ok = load_rows_shifted(s_rows, d, s_stride, n_rows, C, M, SUB)
             b_d, _ = load_rows_shifted(b_rows, d, M, C, C, M, SUB)
             w_d = tl.sum(tl.where(ok[:, None], x * s_d * tl.exp(b - b_d), 0.0), axis=1)
             W += tl.where(cols[None, :] == rows[:, None] - d, w_d[:, None], 0.0)
+    return W
+
+
+@triton.jit
+def _key_decay_anchored(x, s, b, b_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr, LOWP: tl.constexpr,
+                        INSIDE: tl.constexpr):
+    """key_decay's pairs across sub-chunks, through the anchors (INSIDE: also the pairs inside one, unmasked)."""
+    rows = tl.arange(0, C)
+    W = tl.zeros([C, C], dtype=tl.float32)
+    for I in tl.static_range(C // SUB):
+        beta = anchor(b_rows, I, M, SUB)
+        reach: tl.constexpr = (I + 1) * SUB if INSIDE else I * SUB
+        if reach > 0:
+            key = tl.where(rows[:, None] < reach, s * tl.exp(beta[None, :] - b), 0.0)
+            xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
+            W += mm(xq, tl.trans(key), LOWP)
     return W
 
 
@@ -174,19 +197,30 @@ def value_decay_t(
     """out[j, m] = sum_{i>=j} A[i, j] x[i, m] exp(b[i, m] - b[j, m]). A [C, C]; x, b [C, M]; returns [C, M] fp32."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
-    out = tl.zeros([C, M], dtype=tl.float32)
     if fast:
-        A = tl.where(cols[None, :] <= rows[:, None], A, 0.0)
-    for I in tl.static_range(C // SUB):  # sub-chunk I reaching back to the rows j before it (and into it, if fast)
-        beta = anchor(b_rows, I, M, SUB)
-        reach = tl.where(fast, (I + 1) * SUB, I * SUB)
-        xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
-        part = mm(tl.trans(A), xq, LOWP)
-        out += tl.where(rows[:, None] < reach, tl.exp(beta[None, :] - b) * part, 0.0)
-    if not fast:
+        out = _value_decay_t_anchored(tl.where(cols[None, :] <= rows[:, None], A, 0.0), x, b, b_rows, C, M, SUB, LOWP,
+                                      True)
+    else:
+        out = _value_decay_t_anchored(A, x, b, b_rows, C, M, SUB, LOWP, False)
         for d in range(SUB):  # pairs (j + d, j) inside a sub-chunk
             x_d, ok = load_rows_shifted(x_rows, -d, x_stride, n_rows, C, M, SUB)
             b_d, _ = load_rows_shifted(b_rows, -d, M, C, C, M, SUB)
             a_d = tl.sum(tl.where(rows[:, None] == cols[None, :] + d, A, 0.0), axis=0)
             out += tl.where(ok[:, None], a_d[:, None] * x_d * tl.exp(b_d - b), 0.0)
+    return out
+
+
+@triton.jit
+def _value_decay_t_anchored(A, x, b, b_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr,
+                            LOWP: tl.constexpr, INSIDE: tl.constexpr):
+    """value_decay_t's pairs across sub-chunks, through the anchors (INSIDE: also the pairs inside one, A masked)."""
+    rows = tl.arange(0, C)
+    out = tl.zeros([C, M], dtype=tl.float32)
+    for I in tl.static_range(C // SUB):  # sub-chunk I reaching back to the rows j before it (and into it, if INSIDE)
+        beta = anchor(b_rows, I, M, SUB)
+        reach: tl.constexpr = (I + 1) * SUB if INSIDE else I * SUB
+        if reach > 0:
+            xq = tl.where((rows // SUB == I)[:, None], x * tl.exp(b - beta[None, :]), 0.0)
+            part = mm(tl.trans(A), xq, LOWP)
+            out += tl.where(rows[:, None] < reach, tl.exp(beta[None, :] - b) * part, 0.0)
     return out

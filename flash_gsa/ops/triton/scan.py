@@ -40,7 +40,7 @@ def chunk_scan_kernel(
     The first cdiv(K, BN) column tiles walk the hk^T part (weights wk, tokens xk [T', H * G, K]), the others the hv
     part (wv, xv [T', H * G, V]).
     Forward (G = 1): w = s * exp(b_last - b) (chunk_local), x = k and v; out = the states entering each chunk.
-    Reversed: w = dzs * exp(b) with x = q, and p * exp(b) with x = do (bwd_query): the gradient of the state entering
+    Reversed: w = dzs * exp(b) with x = q, and p * exp(b) with x = do (bwd_slots): the gradient of the state entering
     the chunk from the chunk's own outputs; out = the gradients of the states leaving each chunk."""
     NK: tl.constexpr = (K + BN - 1) // BN
     if tl.program_id(0) < NK:
