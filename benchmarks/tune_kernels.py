@@ -41,6 +41,8 @@ VARIANTS = {
     "bwd_tokens128": dict(TILE={**config.TILE, "bwd_tokens": 128}),
     # narrower tiles: fewer live registers per trip
     "tiles32": dict(TILE=dict.fromkeys(config.TILE, 32)),
+    # no register cap for ptxas (MAX_REGISTERS): its own choice per kernel
+    "no_maxnreg": dict(MAX_REGISTERS={}),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
     "lowp": dict(LOWP_FORWARD=True, LOWP_BACKWARD=True),
     # 32-token chunks at M = 64: [C, C] and [C, M] tiles of half the size (the heavy kernels are register-bound at
@@ -66,8 +68,8 @@ VARIANTS = {
                        NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_slots": 8, "bwd_tokens": 8},
                        NUM_STAGES={**config.NUM_STAGES, "output": 2, "bwd_slots": 2, "bwd_tokens": 2}),
 }
-TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN", "BLOCK_SCAN_M",
-            "SCAN_MANY_PROGRAMS")
+TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "MAX_REGISTERS", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN",
+            "BLOCK_SCAN_M", "SCAN_MANY_PROGRAMS")
 
 
 SHAPES = {"h1024": 256, "h2048": 512}  # K = V per head, at H = 4, M = 64

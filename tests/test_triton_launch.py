@@ -1,7 +1,8 @@
 """The launch cache (`launch.launch`, used by `function._launch`): after the first launch of a specialization, the
 compiled kernel is launched directly, with every argument in signature order; anything Triton specializes on (a
-tensor's dtype or 16-byte alignment, an integer's being 1 or a multiple of 16, a compile-time size, warps, stages)
-compiles anew. Compiled kernels need a GPU, so a stand-in records what Triton would have been asked to do."""
+tensor's dtype or 16-byte alignment, an integer's being 1 or a multiple of 16, a compile-time size, warps, stages,
+the register cap) compiles anew. Compiled kernels need a GPU, so a stand-in records what Triton would have been asked
+to do."""
 
 from types import SimpleNamespace
 
@@ -50,11 +51,11 @@ def test_second_launch_is_direct_with_constexprs_in_signature_order(kernel):
     assert first == "compile"
     bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE, 32)
     assert kernel.log[0][3] == dict(K=64, V=32, BK=bk, BV=bv, num_warps=config.NUM_WARPS["output"],
-                                    num_stages=config.NUM_STAGES["output"])
+                                    num_stages=config.NUM_STAGES["output"], maxnreg=config.MAX_REGISTERS["output"])
     assert second == ("direct", (5, 2, 1), (x, y, 7, 0.25, 64, 32, bk, bv))
 
 
-@pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_16", "constexpr", "warps"])
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_16", "constexpr", "warps", "registers"])
 def test_what_triton_specializes_on_compiles_anew(kernel, monkeypatch, change):
     buf = torch.randn(128)
     x, y, n, sizes = buf[:64], torch.randn(64), 7, dict(K=64, V=64)
@@ -69,8 +70,10 @@ def test_what_triton_specializes_on_compiles_anew(kernel, monkeypatch, change):
         n = 32
     elif change == "constexpr":
         sizes = dict(K=128, V=64)
-    else:
+    elif change == "warps":
         monkeypatch.setitem(config.NUM_WARPS, "output", 8)
+    else:
+        monkeypatch.setitem(config.MAX_REGISTERS, "output", 128)
     function._launch(kernel, (1,), x, y, n, 1.0, **sizes)
     function._launch(kernel, (1,), x, y, n, 1.0, **sizes)
     assert [entry[0] for entry in kernel.log] == ["compile", "compile", "direct"]

@@ -161,7 +161,8 @@ def training_kernel_resources(
         o, _, saved = chunk_forward(q, k, v, g, s, 1.0, None, layout)
         chunk_backward(q, k, v, s, torch.randn_like(o), None, saved, 1.0, layout, g.dtype)
     launched = {}  # the last compilation of each kernel: the one that launches (the scan's two directions share it)
-    for name, _, kernel in compiled:
+    for name, const, kernel in compiled:
+        name += " (exact path)" if const.get("EXACT") else ""  # the kernels compiled for each intra-chunk path
         launched[name] = kernel
     return [_record(name, kernel, K, V, M, arch, dtype) for name, kernel in launched.items()]
 

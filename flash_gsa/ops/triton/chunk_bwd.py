@@ -30,7 +30,7 @@ key_decay(dzs) [NC, HQ, C, C] in the state dtype; wq and wdo [NC, HQ, C, M] in q
 import triton
 import triton.language as tl
 
-from .intra import dot, fast_path_ok, key_decay, value_decay, value_decay_t
+from .intra import dot, key_decay, value_decay, value_decay_t
 from .tiles import chunk_block, chunk_span, load_slots, load_tile, state_tile, store_slots, store_tile
 
 
@@ -49,6 +49,7 @@ def bwd_slots_kernel(
     Wd_buf,
     wq_buf,
     wdo_buf,
+    exact_buf,
     cu_seqlens,
     chunk_seq,
     chunk_start,
@@ -62,13 +63,16 @@ def bwd_slots_kernel(
     SUB: tl.constexpr,
     BV: tl.constexpr,
     LOWP: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
-    """One program per (chunk, query head). Reads the forward's logits z and lse (p = exp(z - lse)), s, b, the hv
-    half of the states S entering the chunk, v and do. Writes p, dzs, pz, Wd = key_decay(dzs) and the scan's weights
-    wq = dzs * exp(b) and wdo = p * exp(b) (0 past the sequence's end)."""
+    """One program per (chunk, query head), for the chunks whose `exact` flag is EXACT. Reads the forward's logits z
+    and lse (p = exp(z - lse)), s, b, the hv half of the states S entering the chunk, v and do. Writes p, dzs, pz,
+    Wd = key_decay(dzs) and the scan's weights wq = dzs * exp(b) and wdo = p * exp(b) (0 past the sequence's end)."""
     c = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
+    if tl.load(exact_buf + c * H + h) != EXACT:
+        return
     HQ: tl.constexpr = H * G
     t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
     live = tl.arange(0, C) < n_rows
@@ -83,8 +87,7 @@ def bwd_slots_kernel(
         DV += dot(dot_, tl.trans(load_tile(v, t0, h, H, V, v0, n_rows, C, BV)))
     write = load_slots(s, t0, h, H, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
-    fast = fast_path_ok(b, b_rows, C, M, SUB)
-    dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
+    dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
     lse = tl.load(lse_buf + (t0 + tl.arange(0, C)) * HQ + hq, mask=live, other=0.0)
     p = tl.where(live[:, None], tl.exp(load_slots(z_buf, t0, hq, HQ, n_rows, C, M) - lse[:, None]), 0.0)
     dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
@@ -97,7 +100,7 @@ def bwd_slots_kernel(
 
     write = load_slots(s, t0, h, H, n_rows, C, M)  # s and b loaded again rather than kept: fewer live registers
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
-    Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
+    Wd = key_decay(dzs, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
     tl.store(chunk_block(Wd_buf, c, hq, HQ, C, C), Wd.to(Wd_buf.dtype.element_ty))
 
     tl.store(chunk_block(wq_buf, c, hq, HQ, C, M), (dzs * tl.exp(b)).to(wq_buf.dtype.element_ty))
@@ -125,6 +128,7 @@ def bwd_tokens_kernel(
     dv,
     ds,
     dg,
+    exact_buf,
     cu_seqlens,
     chunk_seq,
     chunk_start,
@@ -138,20 +142,23 @@ def bwd_tokens_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     LOWP: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
-    """One program per (chunk, kv-head): every token gradient of the kv-head and of its group's query heads. Reads q,
-    k, v, do, s, b, the state gradient D leaving the chunk, the state S entering it, and W, Wd, wq and the p/dzs/pz
-    buffers of the group's query heads. Writes dq (of the group's heads), dk, dv, ds and dg.
+    """One program per (chunk, kv-head), for the chunks whose `exact` flag is EXACT: every token gradient of the
+    kv-head and of its group's query heads. Reads q, k, v, do, s, b, the state gradient D leaving the chunk, the state
+    S entering it, and W, Wd, wq and the p/dzs/pz buffers of the group's query heads. Writes dq (of the group's
+    heads), dk, dv, ds and dg.
     One pass over the K tiles and one over the V tiles read each of k, v, S, D once, and q, do once for the group's
     first head (the products of its other heads, q k^T and do v^T, take a second pass)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
+    if tl.load(exact_buf + c * H + h) != EXACT:
+        return
     HQ: tl.constexpr = H * G
     KV: tl.constexpr = K + V
     t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
     b_rows = b_buf + (c * H + h) * C * M
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
-    fast = fast_path_ok(b, b_rows, C, M, SUB)
     last = tl.load(b_last + (c * H + h) * M + tl.arange(0, M))
     w = (load_slots(s, t0, h, H, n_rows, C, M) * tl.exp(last[None, :] - b)).to(k.dtype.element_ty)
     head_rows = t0 * (HQ * M) + h * G * M  # the group's first head in the p / dzs buffers
@@ -163,12 +170,12 @@ def bwd_tokens_kernel(
                                          K, M, KV, C, BK, wq_buf, dq, True)
     dzs = load_slots(dzs_buf, t0, h * G, HQ, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))  # loaded again rather than kept through the tile loops
-    grad_s = value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
+    grad_s = value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
     from_state, entering, DV = _grad_half(v, do, W_buf, dv, D, S, w, from_state, entering, c, h, t0, n_rows, K, H,
                                           G, V, M, KV, C, BV, wq_buf, dq, False)
     p = load_slots(p_buf, t0, h * G, HQ, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
-    grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
+    grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
     carried = from_state * tl.exp(last[None, :] - b)
     grad_s += carried
     # <state leaving the chunk, dh_out>, what later tokens add to dg: the leaving state is exp(b_last) * the entering
@@ -180,10 +187,10 @@ def bwd_tokens_kernel(
         rows_j = t0 * (HQ * M) + hq * M
         A = _pair_product(q, hq, k, h, t0, n_rows, H, G, K, C, BK)
         dzs = load_slots(dzs_buf, t0, hq, HQ, n_rows, C, M)
-        grad_s += value_decay_t(A, dzs, b, dzs_buf + rows_j, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
+        grad_s += value_decay_t(A, dzs, b, dzs_buf + rows_j, HQ * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
         DV = _pair_product(do, hq, v, h, t0, n_rows, H, G, V, C, BV)
         p = load_slots(p_buf, t0, hq, HQ, n_rows, C, M)
-        grad_s += value_decay_t(DV, p, b, p_buf + rows_j, HQ * M, b_rows, n_rows, fast, C, M, SUB, LOWP)
+        grad_s += value_decay_t(DV, p, b, p_buf + rows_j, HQ * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
 
     store_slots(ds, grad_s, t0, h, H, n_rows, C, M)
     db = -load_slots(s, t0, h, H, n_rows, C, M) * grad_s  # loaded last, as pz: shorter lives, fewer spills

@@ -27,22 +27,28 @@ def chunk_local_kernel(
     b_buf,
     b_last,
     w_buf,
+    exact_buf,
     cu_seqlens,
     chunk_seq,
     chunk_start,
     H: tl.constexpr,
     M: tl.constexpr,
     C: tl.constexpr,
+    SUB: tl.constexpr,
 ):
-    """One program per (chunk, kv-head). Reads g and s of the chunk. Writes b, b_last and the weights with which the
+    """One program per (chunk, kv-head). Reads g and s of the chunk. Writes b, b_last, the weights with which the
     chunk's tokens enter the state leaving it, w = s * exp(b_last - b) [NC, H, C, M] in w_buf's dtype (0 past the
-    sequence's end): the scan adds w^T [k | v] to the state."""
+    sequence's end; the scan adds w^T [k | v] to the state), and whether the chunk's intra-chunk products must take
+    the exact path, exact [NC, H] int32 (intra.fast_path_ok)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
     gate = load_slots(g, t0, h, H, n_rows, C, M)
     b = tl.cumsum(gate, axis=0)
     tl.store(chunk_block(b_buf, c, h, H, C, M), b)
+    tl.debug_barrier()  # fast_path_ok reads the anchors' rows of b back
+    fast = fast_path_ok(b, b_buf + (c * H + h) * C * M, C, M, SUB)
+    tl.store(exact_buf + c * H + h, tl.where(fast, 0, 1))
     last = tl.sum(gate, axis=0)  # = b's last row
     tl.store(b_last + (c * H + h) * M + tl.arange(0, M), last)
     w = load_slots(s, t0, h, H, n_rows, C, M) * tl.exp(last[None, :] - b)
@@ -61,6 +67,7 @@ def chunk_output_kernel(
     z_buf,
     lse_buf,
     W_buf,
+    exact_buf,
     cu_seqlens,
     chunk_seq,
     chunk_start,
@@ -75,14 +82,18 @@ def chunk_output_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     LOWP: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
-    """One program per (chunk, query head). Reads q, k, v, s of the chunk, b and the states S entering it.
+    """One program per (chunk, query head), for the chunks whose `exact` flag is EXACT (function._launch_both_paths).
+    Reads q, k, v, s of the chunk, b and the states S entering it.
     Pass 1: z = scale * (q @ hk) per token (inter-chunk through S, intra-chunk through value_decay of A = q k^T),
     p = softmax_M(z). Pass 2: o = (p * exp(b)) @ hv + W @ v with W[i, j] = sum_m p_i s_j exp(b_i - b_j).
     Writes o, and for the backward z [T', HQ, M], its log-sum-exp lse [T', HQ] and W [NC, HQ, C, C]."""
     c = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
+    if tl.load(exact_buf + c * H + h) != EXACT:
+        return
     HQ: tl.constexpr = H * G
     t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
     rows = tl.arange(0, C)
@@ -91,7 +102,6 @@ def chunk_output_kernel(
     b_rows = b_buf + (c * H + h) * C * M
     write = load_slots(s, t0, h, H, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
-    fast = fast_path_ok(b, b_rows, C, M, SUB)
 
     z_inter = tl.zeros([C, M], dtype=tl.float32)
     A = tl.zeros([C, C], dtype=tl.float32)
@@ -100,7 +110,7 @@ def chunk_output_kernel(
         ptrs, mask = state_tile(S, c, h, H, M, K + V, 0, K, k0, BK)
         z_inter += dot(qt, tl.trans(tl.load(ptrs, mask=mask, other=0.0).to(qt.dtype)))  # q @ hk
         A += dot(qt, tl.trans(load_tile(k, t0, h, H, K, k0, n_rows, C, BK)))
-    z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP))
+    z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT))
     z_max = tl.max(z, axis=1)
     e = tl.exp(z - z_max[:, None])
     total = tl.sum(e, axis=1)
@@ -110,7 +120,7 @@ def chunk_output_kernel(
 
     write = load_slots(s, t0, h, H, n_rows, C, M)  # s and b loaded again rather than kept: fewer live registers
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
-    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, fast, C, M, SUB, LOWP).to(v.dtype.element_ty)
+    W = key_decay(p, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT).to(v.dtype.element_ty)
     tl.store(chunk_block(W_buf, c, hq, HQ, C, C), W.to(W_buf.dtype.element_ty))
     pe = (p * tl.exp(b)).to(v.dtype.element_ty)
     for v0 in range(0, V, BV):

@@ -26,6 +26,9 @@ SCAN_MANY_PROGRAMS = 256  # the first. H200, both scans, whose walks form each c
 # ahead of the stores as in the scan (chunk_states, commit 1496c3c): 0.44 / 0.87 ms against 0.19 / 0.34 ms for local +
 # forward scan; with two chunks per step 0.40 / 0.76 ms; with pipelined loads or 8 warps slower still.)
 
+MAX_REGISTERS = {"output": 255, "bwd_slots": 255, "bwd_tokens": 255}  # per thread (ptxas' .maxnreg), as 255 is
+# ptxas' own limit: without the cap, the fast-path bwd_slots at M = 256 (16-token chunks) was compiled to 32
+# registers and 40 KB of spill code (255 registers and 6 KB with it; `gsa bench resources`).
 NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_slots": 4, "bwd_tokens": 4}
 NUM_STAGES = {"local": 1, "scan": 1, "output": 2, "bwd_slots": 3, "bwd_tokens": 3}
 # (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster. local has no loop; the scan issues

@@ -95,16 +95,16 @@ def value_decay(
     s_stride,
     b_rows,
     n_rows,
-    fast,
     C: tl.constexpr,
     M: tl.constexpr,
     SUB: tl.constexpr,
     LOWP: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """out[i, m] = sum_{j<=i} A[i, j] s[j, m] exp(b[i, m] - b[j, m]). A [C, C]; s, b [C, M]; returns [C, M] fp32."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
-    if fast:
+    if not EXACT:
         out = _value_decay_anchored(tl.where(cols[None, :] <= rows[:, None], A, 0.0), s, b, b_rows, C, M, SUB, LOWP,
                                     True)
     else:
@@ -142,16 +142,16 @@ def key_decay(
     s_stride,
     b_rows,
     n_rows,
-    fast,
     C: tl.constexpr,
     M: tl.constexpr,
     SUB: tl.constexpr,
     LOWP: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """W[i, j] = sum_m x[i, m] s[j, m] exp(b[i, m] - b[j, m]) for j <= i, else 0. x, s, b [C, M]; returns [C, C]."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
-    if fast:
+    if not EXACT:
         W = tl.where(cols[None, :] <= rows[:, None], _key_decay_anchored(x, s, b, b_rows, C, M, SUB, LOWP, True), 0.0)
     else:
         W = _key_decay_anchored(x, s, b, b_rows, C, M, SUB, LOWP, False)
@@ -188,16 +188,16 @@ def value_decay_t(
     x_stride,
     b_rows,
     n_rows,
-    fast,
     C: tl.constexpr,
     M: tl.constexpr,
     SUB: tl.constexpr,
     LOWP: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     """out[j, m] = sum_{i>=j} A[i, j] x[i, m] exp(b[i, m] - b[j, m]). A [C, C]; x, b [C, M]; returns [C, M] fp32."""
     rows = tl.arange(0, C)
     cols = tl.arange(0, C)
-    if fast:
+    if not EXACT:
         out = _value_decay_t_anchored(tl.where(cols[None, :] <= rows[:, None], A, 0.0), x, b, b_rows, C, M, SUB, LOWP,
                                       True)
     else:

@@ -69,25 +69,28 @@ def _hooked() -> bool:
     return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
 
 
-def launch(kernel, grid: tuple[int, ...], args: tuple, const: dict, num_warps: int, num_stages: int):
-    """`kernel[grid](*args, **const, num_warps=..., num_stages=...)`: `args` are the kernel's leading parameters in
-    order (at least one of them a tensor, on the device to launch on, which must be the current device), `const` all
-    the others, by name. Returns what Triton returns for a first launch (the compiled kernel), else None."""
+def launch(kernel, grid: tuple[int, ...], args: tuple, const: dict, num_warps: int, num_stages: int,
+           maxnreg: int | None = None):
+    """`kernel[grid](*args, **const, num_warps=..., num_stages=..., maxnreg=...)`: `args` are the kernel's leading
+    parameters in order (at least one of them a tensor, on the device to launch on, which must be the current device),
+    `const` all the others, by name; `maxnreg` (registers per thread, if given) caps ptxas' choice. Returns what
+    Triton returns for a first launch (the compiled kernel), else None."""
     if INTERPRET:
         return kernel[grid](*args, **const, num_warps=num_warps, num_stages=num_stages)
+    options = dict(num_warps=num_warps, num_stages=num_stages) | ({} if maxnreg is None else dict(maxnreg=maxnreg))
     device = next(a for a in args if isinstance(a, torch.Tensor)).device.index
-    key = (id(kernel), device, tuple(map(_specialization, args)), tuple(const.items()), num_warps, num_stages)
+    key = (id(kernel), device, tuple(map(_specialization, args)), tuple(const.items()), num_warps, num_stages, maxnreg)
     entry = COMPILED.get(key)
     if entry is None:
         try:
-            compiled = kernel[grid](*args, **const, num_warps=num_warps, num_stages=num_stages)
+            compiled = kernel[grid](*args, **const, **options)
         except OutOfResources:
             # More shared memory than the GPU has (fp32 tiles at large K, V or M): one pipeline stage fewer, down to
             # one; later launches of this specialization take that kernel directly.
             if num_stages == 1:
                 raise
-            compiled = launch(kernel, grid, args, const, num_warps, num_stages - 1)
-            COMPILED[key] = COMPILED[key[:-1] + (num_stages - 1,)]
+            compiled = launch(kernel, grid, args, const, num_warps, num_stages - 1, maxnreg)
+            COMPILED[key] = COMPILED[key[:-2] + (num_stages - 1, maxnreg)]
             return compiled
         in_order = tuple(const[name] for name in kernel.arg_names[len(args):])
         COMPILED[key] = (compiled, in_order, _direct(compiled))
