@@ -156,6 +156,18 @@ def test_matches_reference(device, seed, poison, name):
     check_case(CASES[name], device, seed, poison)
 
 
+# K != V in bf16, where the two loops of a kernel take tiles of different widths (K, V, query heads per kv-head). As
+# compiled by Triton 3.6 for an H200, 32-column bf16 tiles gave wrong o / dv at K = 64, 128 with V = 16, 32 and wrong
+# dq at K = 16, 32 with V = 64, 128 (config.MIN_TILE_BYTES), which the interpreter cannot see: every mix on a GPU, one
+# under the interpreter.
+HEAD_DIM_MIXES = [(K, V, G) for K, V in [(16, 64), (64, 16), (32, 128), (128, 32), (32, 64), (64, 32)] for G in (1, 2)]
+
+
+@pytest.mark.parametrize("K, V, G", HEAD_DIM_MIXES if HAS_CUDA else [(64, 16, 2)])
+def test_head_dim_mixes(device, seed, poison, K, V, G):
+    check_case(Case(T=130, M=64, HQ=G, H=1, K=K, V=V, dtype=torch.bfloat16), device, seed, poison)
+
+
 @pytest.mark.parametrize("rows", [(16, 16), (64, 64)])
 def test_scan_tile_heights(device, seed, poison, monkeypatch, rows):
     """The scan's state tiles: 16 and 64 slots per program (the cases above take 32 or M; 64 is chosen only when

@@ -49,7 +49,7 @@ def test_second_launch_is_direct_with_constexprs_in_signature_order(kernel):
     function._launch(kernel, (5, 2), x, y, 7, 0.25, K=64, V=32, G=2)
     (first, *_), second = kernel.log
     assert first == "compile"
-    bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE, 32)
+    bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE_BYTES // 4, 32)  # fp32 arguments
     assert kernel.log[0][3] == dict(K=64, V=32, BK=bk, BV=bv, num_warps=config.NUM_WARPS["output"],
                                     num_stages=config.NUM_STAGES["output"], maxnreg=config.MAX_REGISTERS["output"])
     assert second == ("direct", (5, 2, 1), (x, y, 7, 0.25, 64, 32, bk, bv))
@@ -130,7 +130,7 @@ def test_direct_launch_calls_the_c_launcher_with_tritons_leading_arguments(kerne
     function._launch(k, (3, 2), x, y, 7, 0.5, K=64, V=32)
     function._launch(k, (5,), x, y, 7, 0.25, K=64, V=32)
     assert compile_calls == [(3, 2)]
-    bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE, 32)
+    bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE_BYTES // 4, 32)  # fp32 arguments
     if case != "plain":  # a kernel that needs scratch memory, or a hook: through Triton's runner
         assert kernel.log == [("direct", (5, 1, 1), (x, y, 7, 0.25, 64, 32, bk, bv))]
     else:

@@ -12,8 +12,11 @@ TILE = {"output": 128, "bwd_slots": 64, "bwd_tokens": 64}  # width of the K and 
 # matrix products take (capped at K or V). From the H200 sweeps (benchmarks/tune_kernels.py, K = V = 256 and 512):
 # 128 made output 6-28% faster; bwd_tokens (then bwd_kv, with the gate gradients) was 27-51% slower at 128 (more
 # spills).
-MIN_TILE = 32  # smallest K / V tile (masked past K or V): with 16-wide bf16 tiles, the products of [M, C] @ [C, 16]
-# as compiled by Triton 3.6 for an H200 read invalid shared memory (compute-sanitizer), then fault
+MIN_TILE_BYTES = 128  # smallest K / V tile row (masked past K or V): 64 columns of 16-bit inputs, 32 of fp32. As
+# compiled by Triton 3.6 for an H200, narrower 16-bit tiles go wrong: 16 columns read invalid shared memory; 32
+# columns gave wrong o / dv when the kernel's other loop took wider tiles (K = 64, V = 16 or 32; dq at K = 32, V = 64)
+# and wrong dk / dv when bwd_tokens also formed dq (K = 32, grouped heads). The interpreter and memcheck saw nothing;
+# tests/test_triton_chunk.py::test_head_dim_mixes covers these on a GPU.
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
 BLOCK_SCAN_M = (32, 64)  # ... and slots (rows): the second when that still makes SCAN_MANY_PROGRAMS programs, else
 SCAN_MANY_PROGRAMS = 256  # the first. H200, both scans, whose walks form each chunk's product on the tensor cores:

@@ -98,15 +98,15 @@ def _info(kernel) -> _KernelInfo:
     return info
 
 
-def _width(limit: int, D: int) -> int:
-    """Tile width for a dimension of size D: `limit`, or D rounded up to a power of two (at least config.MIN_TILE)
-    if that is less."""
-    return min(limit, max(config.MIN_TILE, config.next_power_of_2(D)))
+def _width(limit: int, D: int, itemsize: int) -> int:
+    """Tile width for a dimension of size D with elements of `itemsize` bytes: `limit`, or D rounded up to a power of
+    two (at least config.MIN_TILE_BYTES wide) if that is less."""
+    return min(limit, max(config.MIN_TILE_BYTES // itemsize, config.next_power_of_2(D)))
 
 
-def _tile(D: int, name: str) -> int:
+def _tile(D: int, name: str, itemsize: int) -> int:
     """Width of the tiles of a K or V dimension of size D in kernel `name`'s products (config.TILE, capped at D)."""
-    return _width(config.TILE[name], D)
+    return _width(config.TILE[name], D, itemsize)
 
 
 def _launch(kernel, grid, *args, **sizes) -> None:
@@ -114,7 +114,8 @@ def _launch(kernel, grid, *args, **sizes) -> None:
     (BK, BV), and its warps and stages from `config`."""
     info = _info(kernel)
     if info.tiled:
-        sizes = dict(sizes, BK=_tile(sizes["K"], info.name), BV=_tile(sizes["V"], info.name))
+        itemsize = args[0].element_size()  # every tiled kernel's first argument is a token tensor (q, k or v)
+        sizes = dict(sizes, BK=_tile(sizes["K"], info.name, itemsize), BV=_tile(sizes["V"], info.name, itemsize))
     const = {k: v for k, v in sizes.items() if k in info.takes}
     launch(kernel, grid, args, const, config.NUM_WARPS[info.name], config.NUM_STAGES[info.name],
            config.MAX_REGISTERS.get(info.name))
@@ -152,7 +153,8 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse:
     M, K, V = out.shape[-2], x[0].shape[-1], x[1].shape[-1]
     n_seq = layout.cu_seqlens.numel() - 1
     final = empty(n_seq, H, M, K + V, device=out.device, dtype=torch.float32)
-    BN = _width(config.BLOCK_SCAN, max(K, V))  # columns of one scan tile; the K part's tiles, then the V part's
+    # columns of one scan tile; the K part's tiles, then the V part's
+    BN = _width(config.BLOCK_SCAN, max(K, V), x[0].element_size())
     tiles = config.cdiv(K, BN) + config.cdiv(V, BN)
     BM = min(config.BLOCK_SCAN_M[1], M)
     if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
