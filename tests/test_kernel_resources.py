@@ -4,9 +4,10 @@ supported sizes.
 The kernels are compiled for sm_90 on this (GPU-less) machine by `gsa bench resources` (Triton and its bundled ptxas
 need no device), in a subprocess because the test session runs Triton in interpreter mode. A kernel whose shared
 memory exceeds the H100's 227 KiB per block fails at launch with OutOfResources, which the interpreter never shows:
-before chunk sizes depended on M, M = 128 with K = V = 256 needed 320 KiB in bwd_query; with float32 inputs there,
-chunk_output needed 256 KiB at its two pipeline stages (the records are the kernels as they launch: `launch.launch`
-compiles a kernel that does not fit again with fewer stages, and `gsa bench resources` does the same).
+before chunk sizes depended on M, M = 128 with K = V = 256 needed 320 KiB in bwd_query (now bwd_slots); with
+float32 inputs there, chunk_output needed 256 KiB at its two pipeline stages (the records are the kernels as they
+launch: `launch.launch` compiles a kernel that does not fit again with fewer stages, and `gsa bench resources` does
+the same).
 """
 
 import json

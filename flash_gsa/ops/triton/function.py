@@ -81,7 +81,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class _KernelInfo:
-    name: str  # the kernel's key in config's tables: chunk_local_kernel -> "local", bwd_tokens_kernel -> "bwd_kv"
+    name: str  # the kernel's key in config's tables: chunk_local_kernel -> "local", bwd_tokens_kernel -> "bwd_tokens"
     takes: frozenset[str]  # its parameters
     tiled: bool  # takes K / V tile widths (BK and / or BV)
 
