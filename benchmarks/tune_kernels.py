@@ -39,8 +39,6 @@ VARIANTS = {
     "tiles128": dict(TILE=dict.fromkeys(config.TILE, 128)),
     # bwd_tokens alone with 128-wide tiles (fewer trips; more live registers)
     "bwd_tokens128": dict(TILE={**config.TILE, "bwd_tokens": 128}),
-    # narrower tiles: fewer live registers per trip
-    "tiles32": dict(TILE=dict.fromkeys(config.TILE, 32)),
     # no register cap for ptxas (MAX_REGISTERS): its own choice per kernel
     "no_maxnreg": dict(MAX_REGISTERS={}),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
@@ -53,7 +51,7 @@ VARIANTS = {
     # 8 warps for bwd_tokens alone (the kernel that spills most at 4: ~1 KB per thread)
     "bwd_tokens_w8": dict(NUM_WARPS={**config.NUM_WARPS, "bwd_tokens": 8}),
     # state tiles of the scan: 32 or 64 rows (slots) whatever the number of programs, 16 when programs are few, or
-    # 128 / 32 columns per program
+    # 128 columns per program (no variant narrower than 64 columns: config.MIN_TILE_BYTES)
     "scan_rows32": dict(BLOCK_SCAN_M=(32, 32)),
     "scan_rows64": dict(BLOCK_SCAN_M=(64, 64)),
     "scan_rows16": dict(BLOCK_SCAN_M=(16, 64)),
@@ -61,7 +59,6 @@ VARIANTS = {
     # 8 warps per scan program (half the registers per thread for the same tile), also with 128-column tiles
     "scan_w8": dict(NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
     "scan_n128_w8": dict(BLOCK_SCAN=128, NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
-    "scan_n32": dict(BLOCK_SCAN=32),
     # 128-token chunks at M = 64: half the per-chunk states (the kernels move ~6 GB per fwd+bwd at hidden 2048, about
     # 2.6 GB of it states), twice the intra-chunk work per token; 8 warps for the [C, C] tiles (4 spill 10-13 KB)
     "chunk128w8": dict(CHUNK={**config.CHUNK, 64: 128},

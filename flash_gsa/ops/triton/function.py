@@ -100,8 +100,8 @@ def _info(kernel) -> _KernelInfo:
 
 def _width(limit: int, D: int, itemsize: int) -> int:
     """Tile width for a dimension of size D with elements of `itemsize` bytes: `limit`, or D rounded up to a power of
-    two (at least config.MIN_TILE_BYTES wide) if that is less."""
-    return min(limit, max(config.MIN_TILE_BYTES // itemsize, config.next_power_of_2(D)))
+    two if that is less, and never narrower than config.MIN_TILE_BYTES."""
+    return max(config.MIN_TILE_BYTES // itemsize, min(limit, config.next_power_of_2(D)))
 
 
 def _tile(D: int, name: str, itemsize: int) -> int:
