@@ -6,8 +6,8 @@ fwd+bwd at hidden 1024, T = 2048 spent 1.51 ms of CPU time per call against ~1.1
 Triton's path the first time it sees a specialization and keeps the compiled kernel; later launches of the same
 specialization call its C launch function directly (`_direct`). A specialization is what Triton compiles anew for:
 the kernel, the device, the dtype and 16-byte alignment of every tensor argument, whether an integer argument is 1
-or a multiple of 16 (and its width), which arguments are None, the compile-time arguments, warps and stages. A
-kernel that needs more shared memory than the GPU has is compiled again with fewer pipeline stages.
+or a multiple of 16 (and its width), which arguments are None, the compile-time arguments, warps, stages and the
+register cap. A kernel that needs more shared memory than the GPU has is compiled again with fewer pipeline stages.
 
 Under Triton's interpreter (TRITON_INTERPRET=1) nothing is compiled: there every launch takes Triton's path.
 """
@@ -23,7 +23,8 @@ from triton.runtime.errors import OutOfResources
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# (id of the kernel, device, specialization of the runtime arguments, compile-time arguments, warps, stages) ->
+# (id of the kernel, device, specialization of the runtime arguments, compile-time arguments, warps, stages,
+# register cap) ->
 # (compiled kernel, its compile-time arguments in signature order, its direct launcher or None)
 COMPILED: dict[tuple, tuple] = {}
 
