@@ -12,9 +12,9 @@ and pairs inside one sub-chunk are taken exactly, one diagonal offset d at a tim
 Fast path: when no sub-chunk decays by more than FAST_DECAY_LIMIT in any slot (`fast_path_ok`; always so for the
 gates GSA produces in practice), the pairs inside sub-chunk I go through the same anchored matrix product as the
 earlier sub-chunks, under a causal mask: their key factor exp(beta - b_j) is then > 1 but below exp(FAST_DECAY_LIMIT),
-far from fp32's range. Otherwise the exact per-offset loop runs; both give the same values up to rounding. Each form
-takes the two paths as separate branches, the fast one free of selects on the runtime flag (with the flag threaded
-through one shared body, fwd+bwd took 2% longer on the H200 at hidden 2048).
+far from fp32's range. Otherwise the exact per-offset loop runs; both give the same values up to rounding. Which path a
+chunk takes is decided once, by chunk_local (its `exact` flags); each form takes it as the compile-time EXACT, so a
+kernel compiled for the fast path holds none of the exact path's code (function._launch_both_paths launches both).
 
 The three forms:
     value_decay(A, s)[i, m]   = sum_{j<=i} A[i, j] * s[j, m] * exp(b[i, m] - b[j, m])     (pass-1 logits, dp)
