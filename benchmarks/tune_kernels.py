@@ -59,6 +59,14 @@ VARIANTS = {
     # 8 warps per scan program (half the registers per thread for the same tile), also with 128-column tiles
     "scan_w8": dict(NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
     "scan_n128_w8": dict(BLOCK_SCAN=128, NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
+    # more programs per SM: at 255 registers (4 warps) two fit; a cap of 168 fits three, 128 four (more spills)
+    "output_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "output": 168}, TILE={**config.TILE, "output": 64}),
+    "output_r128": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "output": 128}, TILE={**config.TILE, "output": 64}),
+    "bwd_slots_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "bwd_slots": 168}),
+    "bwd_tokens_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "bwd_tokens": 168},
+                            NUM_STAGES={**config.NUM_STAGES, "bwd_tokens": 2}),
+    "scan_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "scan": 168}),
+    "scan_r128": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "scan": 128}),
     # 128-token chunks at M = 64: half the per-chunk states (the kernels move ~6 GB per fwd+bwd at hidden 2048, about
     # 2.6 GB of it states), twice the intra-chunk work per token; 8 warps for the [C, C] tiles (4 spill 10-13 KB)
     "chunk128w8": dict(CHUNK={**config.CHUNK, 64: 128},

@@ -18,13 +18,14 @@ are much larger than the result: with bf16 operands that left dg 7.4e-2 off at T
 other gradient. The state form has no such cancellation. bwd_tokens forms it from the state entering the chunk S:
 S_next = exp(b_last) * S + w^T [k | v], so <S_next, dh_out> = exp(b_last) * <S, dh_out> + sum over the chunk's tokens
 of w * (k @ dhk_out + v @ dhv_out^T), whose last factor ds needs anyway.
-The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1) and W = key_decay(p).
+The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1), W = key_decay(p) and q k^T; bwd_slots
+saves do v^T for bwd_tokens (those [C, C] products would otherwise take bwd_tokens one more matrix product per tile).
 Two kernels around the reverse scan: bwd_slots (per chunk and query head) forms the slot-level gradients, which need
 only the hv half of the states; bwd_tokens (per chunk and kv-head) forms every token gradient, dq included: the hk
 tiles that dq takes are the ones it reads for <S, dh_out> anyway, so no kernel reads the hk half twice.
-Buffers written here: p, dzs and pz = p*dp + z*dz [T', HQ, M] in the state dtype; Wd =
-key_decay(dzs) [NC, HQ, C, C] in the state dtype; wq and wdo [NC, HQ, C, M] in q's dtype; dg [T', H, M] in g's dtype
-(summed in fp32).
+Buffers written here: p, dzs and pz = p*dp + z*dz [T', HQ, M] in the state dtype; Wd = key_decay(dzs) and DV =
+do v^T [NC, HQ, C, C] in the state dtype; wq and wdo [NC, HQ, C, M] in q's dtype; dg [T', H, M] in g's dtype (summed
+in fp32).
 """
 
 import triton
@@ -49,6 +50,7 @@ def bwd_slots_kernel(
     Wd_buf,
     wq_buf,
     wdo_buf,
+    DV_buf,
     exact_buf,
     cu_seqlens,
     chunk_seq,
@@ -67,7 +69,8 @@ def bwd_slots_kernel(
 ):
     """One program per (chunk, query head), for the chunks whose `exact` flag is EXACT. Reads the forward's logits z
     and lse (p = exp(z - lse)), s, b, the hv half of the states S entering the chunk, v and do. Writes p, dzs, pz,
-    Wd = key_decay(dzs) and the scan's weights wq = dzs * exp(b) and wdo = p * exp(b) (0 past the sequence's end)."""
+    Wd = key_decay(dzs), DV = do v^T and the scan's weights wq = dzs * exp(b) and wdo = p * exp(b) (0 past the
+    sequence's end)."""
     c = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
@@ -85,6 +88,7 @@ def bwd_slots_kernel(
         ptrs, mask = state_tile(S, c, h, H, M, K + V, K, V, v0, BV)
         dp_inter += dot(dot_, tl.trans(tl.load(ptrs, mask=mask, other=0.0).to(dot_.dtype)))  # do @ hv^T
         DV += dot(dot_, tl.trans(load_tile(v, t0, h, H, V, v0, n_rows, C, BV)))
+    tl.store(chunk_block(DV_buf, c, hq, HQ, C, C), DV.to(DV_buf.dtype.element_ty))  # do v^T, for bwd_tokens
     write = load_slots(s, t0, h, H, n_rows, C, M)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     dp = dp_inter * tl.exp(b) + value_decay(DV, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
@@ -120,6 +124,8 @@ def bwd_tokens_kernel(
     W_buf,
     Wd_buf,
     wq_buf,
+    QK_buf,
+    DV_buf,
     p_buf,
     dzs_buf,
     pz_buf,
@@ -146,10 +152,9 @@ def bwd_tokens_kernel(
 ):
     """One program per (chunk, kv-head), for the chunks whose `exact` flag is EXACT: every token gradient of the
     kv-head and of its group's query heads. Reads q, k, v, do, s, b, the state gradient D leaving the chunk, the state
-    S entering it, and W, Wd, wq and the p/dzs/pz buffers of the group's query heads. Writes dq (of the group's
-    heads), dk, dv, ds and dg.
-    One pass over the K tiles and one over the V tiles read each of k, v, S, D once, and q, do once for the group's
-    first head (the products of its other heads, q k^T and do v^T, take a second pass)."""
+    S entering it, and W, Wd, wq, the saved q k^T and do v^T and the p/dzs/pz buffers of the group's query heads.
+    Writes dq (of the group's heads), dk, dv, ds and dg. One pass over the K tiles and one over the V tiles read each
+    of q, k, v, do, S and D once."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     if tl.load(exact_buf + c * H + h) != EXACT:
@@ -161,34 +166,26 @@ def bwd_tokens_kernel(
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))
     last = tl.load(b_last + (c * H + h) * M + tl.arange(0, M))
     w = (load_slots(s, t0, h, H, n_rows, C, M) * tl.exp(last[None, :] - b)).to(k.dtype.element_ty)
-    head_rows = t0 * (HQ * M) + h * G * M  # the group's first head in the p / dzs buffers
-
-    # keys: dk, k @ dhk_out^T and A = q k^T (the group's first head); then values: dv, v @ dhv_out and DV = do v^T
+    # keys: dk, dq and k @ dhk_out^T; then values: dv and v @ dhv_out
     from_state = tl.zeros([C, M], dtype=tl.float32)  # k @ dhk_out + v @ dhv_out^T
     entering = tl.zeros([M], dtype=tl.float32)  # <state entering the chunk, dh_out>
-    from_state, entering, A = _grad_half(k, q, Wd_buf, dk, D, S, w, from_state, entering, c, h, t0, n_rows, 0, H, G,
-                                         K, M, KV, C, BK, wq_buf, dq, True)
-    dzs = load_slots(dzs_buf, t0, h * G, HQ, n_rows, C, M)
+    from_state, entering = _grad_half(k, q, Wd_buf, dk, D, S, w, from_state, entering, c, h, t0, n_rows, 0, H, G, K,
+                                      M, KV, C, BK, wq_buf, dq, True)
+    from_state, entering = _grad_half(v, do, W_buf, dv, D, S, w, from_state, entering, c, h, t0, n_rows, K, H, G, V,
+                                      M, KV, C, BV, wq_buf, dq, False)
     b = tl.load(chunk_block(b_buf, c, h, H, C, M))  # loaded again rather than kept through the tile loops
-    grad_s = value_decay_t(A, dzs, b, dzs_buf + head_rows, HQ * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
-    from_state, entering, DV = _grad_half(v, do, W_buf, dv, D, S, w, from_state, entering, c, h, t0, n_rows, K, H,
-                                          G, V, M, KV, C, BV, wq_buf, dq, False)
-    p = load_slots(p_buf, t0, h * G, HQ, n_rows, C, M)
-    b = tl.load(chunk_block(b_buf, c, h, H, C, M))
-    grad_s += value_decay_t(DV, p, b, p_buf + head_rows, HQ * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
     carried = from_state * tl.exp(last[None, :] - b)
-    grad_s += carried
     # <state leaving the chunk, dh_out>, what later tokens add to dg: the leaving state is exp(b_last) * the entering
     # one + w^T [k | v] (w = s * exp(b_last - b)), so it is exp(b_last) * entering + sum over the chunk of s * carried
     later = entering * tl.exp(last) + tl.sum(load_slots(s, t0, h, H, n_rows, C, M) * carried, axis=0)
-
-    for j in range(1, G):  # the group's other query heads
+    grad_s = carried
+    for j in range(G):  # the intra-chunk terms of each query head of the group, from the saved q k^T and do v^T
         hq = h * G + j
         rows_j = t0 * (HQ * M) + hq * M
-        A = _pair_product(q, hq, k, h, t0, n_rows, H, G, K, C, BK)
+        A = tl.load(chunk_block(QK_buf, c, hq, HQ, C, C)).to(tl.float32)
         dzs = load_slots(dzs_buf, t0, hq, HQ, n_rows, C, M)
         grad_s += value_decay_t(A, dzs, b, dzs_buf + rows_j, HQ * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
-        DV = _pair_product(do, hq, v, h, t0, n_rows, H, G, V, C, BV)
+        DV = tl.load(chunk_block(DV_buf, c, hq, HQ, C, C)).to(tl.float32)
         p = load_slots(p_buf, t0, hq, HQ, n_rows, C, M)
         grad_s += value_decay_t(DV, p, b, p_buf + rows_j, HQ * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT)
 
@@ -206,10 +203,8 @@ def _grad_half(x, src, W_buf, out, D, S, w, from_state, entering, c, h, t0, n_ro
     """One half of bwd_tokens' tile loops: keys (x = k, src = q, W = Wd, out = dk, start = 0, QUERY: also dq) or
     values (x = v, src = do, W = W, out = dv, start = K). Writes out = w @ D_half + sum_j W_j^T src_j over the group's
     query heads j (and, QUERY, dq_j = wq_j @ hk + Wd_j @ k from the same state tiles), and returns from_state +
-    x @ D_half^T [C, M], entering + <state entering the chunk, D> over the half's columns [M] and src_0 @ x^T [C, C]
-    of the group's first head (q k^T or do v^T)."""
+    x @ D_half^T [C, M] and entering + <state entering the chunk, D> over the half's columns [M]."""
     HQ: tl.constexpr = H * G
-    first = tl.zeros([C, C], dtype=tl.float32)
     W0 = tl.load(chunk_block(W_buf, c, h * G, HQ, C, C))  # the first head's [C, C] weights, loaded once
     if QUERY:  # ... and its dq weights (the other heads' are loaded per tile)
         wq0 = tl.load(chunk_block(wq_buf, c, h * G, HQ, C, M))
@@ -235,19 +230,5 @@ def _grad_half(x, src, W_buf, out, D, S, w, from_state, entering, c, h, t0, n_ro
                 else:
                     wq = tl.load(chunk_block(wq_buf, c, h * G + j, HQ, C, M)).to(xt.dtype)
                 store_tile(dq, dot(wq, state) + dot(Wj, xt), t0, h * G + j, HQ, width, d0, n_rows, C, BD)
-            if j == 0:
-                first += dot(st, tl.trans(xt))
         store_tile(out, acc, t0, h, H, width, d0, n_rows, C, BD)
-    return from_state, entering, first
-
-
-@triton.jit
-def _pair_product(src, hq, x, h, t0, n_rows, H: tl.constexpr, G: tl.constexpr, width: tl.constexpr, C: tl.constexpr,
-                  BD: tl.constexpr):
-    """src[hq] @ x[h]^T over the chunk's rows, [C, C] fp32 (q k^T or do v^T of query head hq)."""
-    P = tl.zeros([C, C], dtype=tl.float32)
-    for d0 in range(0, width, BD):
-        P += dot(load_tile(src, t0, hq, H * G, width, d0, n_rows, C, BD),
-                 tl.trans(load_tile(x, t0, h, H, width, d0, n_rows, C, BD)))
-    return P
-
+    return from_state, entering

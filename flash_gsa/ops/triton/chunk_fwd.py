@@ -67,6 +67,7 @@ def chunk_output_kernel(
     z_buf,
     lse_buf,
     W_buf,
+    QK_buf,
     exact_buf,
     cu_seqlens,
     chunk_seq,
@@ -110,6 +111,7 @@ def chunk_output_kernel(
         ptrs, mask = state_tile(S, c, h, H, M, K + V, 0, K, k0, BK)
         z_inter += dot(qt, tl.trans(tl.load(ptrs, mask=mask, other=0.0).to(qt.dtype)))  # q @ hk
         A += dot(qt, tl.trans(load_tile(k, t0, h, H, K, k0, n_rows, C, BK)))
+    tl.store(chunk_block(QK_buf, c, hq, HQ, C, C), A.to(QK_buf.dtype.element_ty))  # q k^T, for bwd_tokens
     z = scale * (z_inter * tl.exp(b) + value_decay(A, write, b, s_rows, H * M, b_rows, n_rows, C, M, SUB, LOWP, EXACT))
     z_max = tl.max(z, axis=1)
     e = tl.exp(z - z_max[:, None])

@@ -168,7 +168,8 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse:
 
 def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     """q [T', HQ, K] ... (contiguous). init: [N, H, M, K + V] fp32 or None. Returns o, the final state [N, H, M,
-    K + V] fp32 and the buffers the backward needs: b, b_last, the states entering each chunk, z, lse, W, exact."""
+    K + V] fp32 and the buffers the backward needs: b, b_last, the states entering each chunk, z, lse, W, q k^T,
+    exact."""
     T, HQ, K = q.shape
     H, V, M = k.shape[1], v.shape[-1], g.shape[-1]
     C, NC = layout.chunk, layout.num_chunks
@@ -186,16 +187,16 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     o = empty(T, HQ, V, device=dev, dtype=q.dtype)
     z = empty(T, HQ, M, device=dev, dtype=f32)
     lse = empty(T, HQ, device=dev, dtype=f32)
-    W = empty(NC, HQ, C, C, device=dev, dtype=low)
-    _launch_both_paths(chunk_output_kernel, (NC, HQ), q, k, v, s, b, states, o, z, lse, W, exact, *tables, scale,
+    W, QK = (empty(NC, HQ, C, C, device=dev, dtype=low) for _ in range(2))
+    _launch_both_paths(chunk_output_kernel, (NC, HQ), q, k, v, s, b, states, o, z, lse, W, QK, exact, *tables, scale,
                        **sizes)
-    return o, final, (b, b_last, states, z, lse, W, exact)
+    return o, final, (b, b_last, states, z, lse, W, QK, exact)
 
 
 def chunk_backward(q, k, v, s, do, d_final, saved, scale: float, layout: ChunkLayout, g_dtype: torch.dtype):
     """Gradients of q, k, v, s, g (in g_dtype, cast from fp32 in the kernel) and of the initial state. d_final:
     gradient of the final state, or None."""
-    b, b_last, states, z, lse, W, exact = saved
+    b, b_last, states, z, lse, W, QK, exact = saved
     T, HQ, K = q.shape
     H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
     G, C, NC = HQ // H, layout.chunk, layout.num_chunks
@@ -205,15 +206,15 @@ def chunk_backward(q, k, v, s, do, d_final, saved, scale: float, layout: ChunkLa
 
     dq = empty(*q.shape, device=dev, dtype=q.dtype)
     p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(3))  # (bf16 for 16-bit inputs: half the bytes)
-    Wd = empty(NC, HQ, C, C, device=dev, dtype=low)
+    Wd, DV = (empty(NC, HQ, C, C, device=dev, dtype=low) for _ in range(2))
     wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
-    _launch_both_paths(bwd_slots_kernel, (NC, HQ), v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, exact, *tables,
-                       scale, **sizes)
+    _launch_both_paths(bwd_slots_kernel, (NC, HQ), v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, DV, exact,
+                       *tables, scale, **sizes)
     D = empty(NC, H, M, K + V, device=dev, dtype=low)
     d_init = _scan((wq, wdo), (q, do), D, b_last, d_final, layout, H, G, reverse=True)
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
     dg = empty(T, H, M, device=dev, dtype=g_dtype)
-    _launch_both_paths(bwd_tokens_kernel, (NC, H), q, k, v, s, b, b_last, states, D, do, W, Wd, wq, p, dzs, pz, dq, dk,
-                       dv, ds, dg, exact, *tables, **sizes)
+    _launch_both_paths(bwd_tokens_kernel, (NC, H), q, k, v, s, b, b_last, states, D, do, W, Wd, wq, QK, DV, p, dzs, pz,
+                       dq, dk, dv, ds, dg, exact, *tables, **sizes)
     return dq, dk, dv, ds, dg, d_init
