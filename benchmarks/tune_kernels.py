@@ -59,7 +59,8 @@ VARIANTS = {
     # 8 warps per scan program (half the registers per thread for the same tile), also with 128-column tiles
     "scan_w8": dict(NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
     "scan_n128_w8": dict(BLOCK_SCAN=128, NUM_WARPS={**config.NUM_WARPS, "scan": 8}),
-    # more programs per SM: at 255 registers (4 warps) two fit; a cap of 168 fits three, 128 four (more spills)
+    # more programs per SM: at 255 registers (4 warps) two fit; a cap of 168 fits three, 128 four (more spills). On
+    # the H200 (session 13) every one of these was slower than the default: spills cost more than the occupancy gave
     "output_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "output": 168}, TILE={**config.TILE, "output": 64}),
     "output_r128": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "output": 128}, TILE={**config.TILE, "output": 64}),
     "bwd_slots_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "bwd_slots": 168}),
