@@ -135,13 +135,13 @@ def offline_compilation(arch: int = 90) -> Iterator[list[tuple[str, dict, object
     active = driver._active  # None until first use; reset_active() would fail on a machine without a GPU
     driver.set_active(_Target())
     JITFunction.run = compile_only
-    launch.COMPILED.clear()  # every launch inside compiles (none is taken from, or left in, the launch cache)
+    launch.clear()  # every launch inside compiles (none is taken from, or left in, the launch caches)
     try:
         yield compiled
     finally:
         JITFunction.run = run
         driver._active = active
-        launch.COMPILED.clear()
+        launch.clear()
 
 
 def training_kernel_resources(

@@ -114,30 +114,28 @@ def _layout(q: Tensor, g: Tensor, cu_seqlens: Tensor | None):
     return layout_for(q.shape[0], q.shape[1], cu_seqlens, g.shape[-1], q.device)
 
 
-def _flat(*xs: Tensor) -> list[Tensor]:
-    """[B, T, ...] -> contiguous [B * T, ...]."""
-    return [x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous() for x in xs]
+def _contiguous(*xs: Tensor) -> list[Tensor]:
+    """The kernels read a contiguous [B, T, ...] tensor as [B * T, ...]: only its memory layout matters."""
+    return [x.contiguous() for x in xs]
 
 
 def _triton_forward(q, k, v, g, s, scale, init, cu_seqlens) -> tuple[Tensor, Tensor, list[Tensor]]:
     from .triton.function import chunk_forward, device_guard
 
-    B, T = q.shape[:2]
     with device_guard(q.device):
-        o, final, saved = chunk_forward(*_flat(q, k, v, g, s), scale, init, _layout(q, g, cu_seqlens))
-    return o.view(B, T, *o.shape[1:]), final, list(saved)
+        o, final, saved = chunk_forward(*_contiguous(q, k, v, g, s), scale, init, _layout(q, g, cu_seqlens))
+    return o, final, list(saved)
 
 
 def _triton_backward_grads(q, k, v, s, do, d_final, saved, scale, cu_seqlens, g_dtype):
     from .triton.function import chunk_backward, device_guard
 
-    B, T = q.shape[:2]
     d_final = None if d_final is None else d_final.float().contiguous()
-    flat = _flat(q, k, v, s, do)
     with device_guard(q.device):
         layout = _layout(q, s, cu_seqlens)
-        dq, dk, dv, ds, dg, d_init = chunk_backward(*flat, d_final, tuple(saved), scale, layout, g_dtype)
-    return (*(x.view(B, T, *x.shape[1:]) for x in (dq, dk, dv, dg, ds)), d_init)
+        dq, dk, dv, ds, dg, d_init = chunk_backward(*_contiguous(q, k, v, s, do), d_final, tuple(saved), scale, layout,
+                                                    g_dtype)
+    return dq, dk, dv, dg, ds, d_init
 
 
 @torch.library.custom_op("flash_gsa::triton_fwd", mutates_args=())

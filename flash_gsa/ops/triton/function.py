@@ -16,7 +16,7 @@ import torch
 from . import config
 from .chunk_bwd import bwd_slots_kernel, bwd_tokens_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel
-from .launch import launch
+from .launch import BOUND, _specialization, launch
 from .scan import chunk_scan_kernel
 
 
@@ -109,33 +109,50 @@ def _tile(D: int, name: str, itemsize: int) -> int:
     return _width(config.TILE[name], D, itemsize)
 
 
-def _launch(kernel, grid, *args, **sizes) -> None:
-    """Launches `kernel` (through the launch cache) with the sizes among `sizes` that it takes, its K / V tile widths
-    (BK, BV), and its warps and stages from `config`."""
+def signature(*xs) -> tuple:
+    """What Triton specializes the chunk kernels on beyond their compile-time sizes: the device, and for each argument
+    `xs` that a call did not allocate itself, what `launch` keys on (a tensor's dtype and 16-byte alignment, None).
+    Every buffer allocated here follows from them: its dtype from theirs, and it is aligned (the CUDA caching
+    allocator aligns to 512 bytes). With the sizes, the kernel and config's tunables it keys `launch.BOUND`."""
+    return (xs[0].device.index, *map(_specialization, xs))
+
+
+def _launch(kernel, grid, sig: tuple, *args, **sizes) -> None:
+    """Launches `kernel` with the sizes among `sizes` that it takes, its K / V tile widths (BK, BV), and its warps,
+    stages and register cap from `config`. `sig` is the call's `signature`: with the sizes and tunables it finds the
+    compiled kernel in `launch.BOUND` without looking at the other arguments (~10 us of host time per launch)."""
     info = _info(kernel)
+    name = info.name
+    warps, stages, maxnreg = config.NUM_WARPS[name], config.NUM_STAGES[name], config.MAX_REGISTERS.get(name)
+    key = (id(kernel), sig, tuple(sizes.items()), warps, stages, maxnreg, config.TILE.get(name), config.MIN_TILE_BYTES)
+    launcher = BOUND.get(key)
+    if launcher is not None:
+        launcher(grid, *args)
+        return
     if info.tiled:
         itemsize = args[0].element_size()  # every tiled kernel's first argument is a token tensor (q, k or v)
-        sizes = dict(sizes, BK=_tile(sizes["K"], info.name, itemsize), BV=_tile(sizes["V"], info.name, itemsize))
+        sizes = dict(sizes, BK=_tile(sizes["K"], name, itemsize), BV=_tile(sizes["V"], name, itemsize))
     const = {k: v for k, v in sizes.items() if k in info.takes}
-    launch(kernel, grid, args, const, config.NUM_WARPS[info.name], config.NUM_STAGES[info.name],
-           config.MAX_REGISTERS.get(info.name))
+    launcher = launch(kernel, grid, args, const, warps, stages, maxnreg)
+    if launcher is not None:
+        BOUND[key] = launcher
 
 
-def _launch_both_paths(kernel, grid, *args, **sizes) -> None:
+def _launch_both_paths(kernel, grid, sig: tuple, *args, **sizes) -> None:
     """Launches a kernel with intra-chunk products twice: its programs for the chunks on the fast path (most or all of
     them), then those for the chunks that need the exact path (chunk_local's `exact` flags); every other program
     returns at once. Compiled apart, the fast kernel holds none of the exact path's code: on the H200 that made the
     three kernels 4-11% faster than one kernel with a runtime branch between the paths."""
-    _launch(kernel, grid, *args, **sizes, EXACT=False)
-    _launch(kernel, grid, *args, **sizes, EXACT=True)
+    _launch(kernel, grid, sig, *args, **sizes, EXACT=False)
+    _launch(kernel, grid, sig, *args, **sizes, EXACT=True)
 
 
 def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
     """The compile-time sizes of the chunk kernels (each takes the subset it needs)."""
     K, V = q.shape[-1], v.shape[-1]
     return dict(
-        H=k.shape[1],
-        G=q.shape[1] // k.shape[1],
+        H=k.shape[-2],
+        G=q.shape[-2] // k.shape[-2],
         K=K,
         V=V,
         M=M,
@@ -145,7 +162,7 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
     )
 
 
-def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bool):
+def _scan(sig: tuple, w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bool):
     """Runs chunk_scan_kernel over the chunks' products w^T x: w = (weights of the hk^T part, of the hv part)
     [NC, H * G, C, M], x = (their tokens [T', H * G, K], [T', H * G, V]). Writes `out` [NC, H, M, K + V] (the states
     entering each chunk; reversed, the gradients of those leaving it); returns the [N, H, M, K + V] fp32 state after
@@ -160,18 +177,18 @@ def _scan(w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse:
     if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
         BM = min(config.BLOCK_SCAN_M[0], M)
     grid = (tiles, M // BM, n_seq * H)
-    _launch(chunk_scan_kernel, grid, w[0], x[0], w[1], x[1], out, b_last, init if init is not None else final, final,
-            layout.cu_seqlens, layout.chunk_offsets, H=H, G=G, K=K, V=V, M=M, C=layout.chunk, BM=BM, BN=BN,
+    _launch(chunk_scan_kernel, grid, sig, w[0], x[0], w[1], x[1], out, b_last, init if init is not None else final,
+            final, layout.cu_seqlens, layout.chunk_offsets, H=H, G=G, K=K, V=V, M=M, C=layout.chunk, BM=BM, BN=BN,
             REVERSE=reverse, HAS_INIT=init is not None)
     return final
 
 
 def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
-    """q [T', HQ, K] ... (contiguous). init: [N, H, M, K + V] fp32 or None. Returns o, the final state [N, H, M,
-    K + V] fp32 and the buffers the backward needs: b, b_last, the states entering each chunk, z, lse, W, q k^T,
-    exact."""
-    T, HQ, K = q.shape
-    H, V, M = k.shape[1], v.shape[-1], g.shape[-1]
+    """q [T', HQ, K] ... (contiguous; or [B, T, HQ, K] ..., read as [B * T, HQ, K]). init: [N, H, M, K + V] fp32 or
+    None. Returns o (q's shape, V for K), the final state [N, H, M, K + V] fp32 and the buffers the backward needs: b,
+    b_last, the states entering each chunk, z, lse, W, q k^T, exact."""
+    HQ, K = q.shape[-2:]
+    T, H, V, M = q.numel() // (HQ * K), k.shape[-2], v.shape[-1], g.shape[-1]
     C, NC = layout.chunk, layout.num_chunks
     sizes = _sizes(q, k, v, M, layout, config.LOWP_FORWARD)
     dev, f32, low = q.device, torch.float32, state_dtype(q.dtype)
@@ -181,40 +198,42 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     states = empty(NC, H, M, K + V, device=dev, dtype=low)
     exact = empty(NC, H, device=dev, dtype=torch.int32)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
+    sig = signature(q, k, v, g, s, init, layout.cu_seqlens)
 
-    _launch(chunk_local_kernel, (NC, H), g, s, b, b_last, w, exact, *tables, **sizes)
-    final = _scan((w, w), (k, v), states, b_last, init, layout, H, 1, reverse=False)
-    o = empty(T, HQ, V, device=dev, dtype=q.dtype)
+    _launch(chunk_local_kernel, (NC, H), sig, g, s, b, b_last, w, exact, *tables, **sizes)
+    final = _scan(sig, (w, w), (k, v), states, b_last, init, layout, H, 1, reverse=False)
+    o = empty(*q.shape[:-1], V, device=dev, dtype=q.dtype)
     z = empty(T, HQ, M, device=dev, dtype=f32)
     lse = empty(T, HQ, device=dev, dtype=f32)
     W, QK = (empty(NC, HQ, C, C, device=dev, dtype=low) for _ in range(2))
-    _launch_both_paths(chunk_output_kernel, (NC, HQ), q, k, v, s, b, states, o, z, lse, W, QK, exact, *tables, scale,
-                       **sizes)
+    _launch_both_paths(chunk_output_kernel, (NC, HQ), sig, q, k, v, s, b, states, o, z, lse, W, QK, exact, *tables,
+                       scale, **sizes)
     return o, final, (b, b_last, states, z, lse, W, QK, exact)
 
 
 def chunk_backward(q, k, v, s, do, d_final, saved, scale: float, layout: ChunkLayout, g_dtype: torch.dtype):
     """Gradients of q, k, v, s, g (in g_dtype, cast from fp32 in the kernel) and of the initial state. d_final:
-    gradient of the final state, or None."""
+    gradient of the final state, or None. Tensors as chunk_forward's; each gradient has its tensor's shape."""
     b, b_last, states, z, lse, W, QK, exact = saved
-    T, HQ, K = q.shape
-    H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
+    HQ, K = q.shape[-2:]
+    T, H, V, M = q.numel() // (HQ * K), k.shape[-2], v.shape[-1], s.shape[-1]
     G, C, NC = HQ // H, layout.chunk, layout.num_chunks
     sizes = _sizes(q, k, v, M, layout, config.LOWP_BACKWARD)
     dev, low = q.device, state_dtype(q.dtype)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
+    sig = (*signature(q, k, v, s, do, d_final, layout.cu_seqlens), g_dtype)
 
     dq = empty(*q.shape, device=dev, dtype=q.dtype)
     p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(3))  # (bf16 for 16-bit inputs: half the bytes)
     Wd, DV = (empty(NC, HQ, C, C, device=dev, dtype=low) for _ in range(2))
     wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
-    _launch_both_paths(bwd_slots_kernel, (NC, HQ), v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, DV, exact,
-                       *tables, scale, **sizes)
+    _launch_both_paths(bwd_slots_kernel, (NC, HQ), sig, v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, DV,
+                       exact, *tables, scale, **sizes)
     D = empty(NC, H, M, K + V, device=dev, dtype=low)
-    d_init = _scan((wq, wdo), (q, do), D, b_last, d_final, layout, H, G, reverse=True)
+    d_init = _scan(sig, (wq, wdo), (q, do), D, b_last, d_final, layout, H, G, reverse=True)
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
-    dg = empty(T, H, M, device=dev, dtype=g_dtype)
-    _launch_both_paths(bwd_tokens_kernel, (NC, H), q, k, v, s, b, b_last, states, D, do, W, Wd, wq, QK, DV, p, dzs, pz,
-                       dq, dk, dv, ds, dg, exact, *tables, **sizes)
+    dg = empty(*s.shape, device=dev, dtype=g_dtype)
+    _launch_both_paths(bwd_tokens_kernel, (NC, H), sig, q, k, v, s, b, b_last, states, D, do, W, Wd, wq, QK, DV, p,
+                       dzs, pz, dq, dk, dv, ds, dg, exact, *tables, **sizes)
     return dq, dk, dv, ds, dg, d_init
