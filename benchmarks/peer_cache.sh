@@ -1,15 +1,22 @@
 # Sourced by run_op_bench.sh and run_train_bench.sh: fla's Triton cache (PEER_CACHE_DIR in flash_gsa/bench/record.py,
 # under /tmp), which holds its autotuning choices, carried between machines as .carry/peer_triton_cache.tar.gz.
+# Without one there, benchmarks/fla_autotune_nvidia-h200.tar.gz is unpacked instead: fla 0.6.0's autotuning results
+# (*.autotune.json only) from an H200 with torch 2.11 and triton 3.6, for the op bench's hidden-1024 shapes and the
+# decoding step (session 14). Triton finds them only where its cache keys match (same fla, triton and GPU
+# architecture); other shapes are tuned on first use as before. They save a fresh machine minutes of fla's tuning.
 # Needs $PY, $LOG and $OUT; sets $PEER_CACHE.
 
 PEER_CACHE=$($PY -c 'from flash_gsa.bench.record import PEER_CACHE_DIR; print(PEER_CACHE_DIR)')
 
 # Unpacks a carried cache into PEER_CACHE, unless this machine already has one.
 unpack_peer_cache() {
-    if [ -f .carry/peer_triton_cache.tar.gz ] && [ ! -d "$PEER_CACHE" ]; then
-        mkdir -p "$PEER_CACHE" && tar -xzf .carry/peer_triton_cache.tar.gz -C "$PEER_CACHE"
-        echo "unpacked .carry/peer_triton_cache.tar.gz into $PEER_CACHE" | tee -a "$LOG"
-    fi
+    local packed
+    for packed in .carry/peer_triton_cache.tar.gz benchmarks/fla_autotune_nvidia-h200.tar.gz; do
+        if [ -f "$packed" ] && [ ! -d "$PEER_CACHE" ]; then
+            mkdir -p "$PEER_CACHE" && tar -xzf "$packed" -C "$PEER_CACHE"
+            echo "unpacked $packed into $PEER_CACHE" | tee -a "$LOG"
+        fi
+    done
 }
 
 # Packs PEER_CACHE into $OUT/peer_triton_cache.tar.gz when it is at most 16 MiB (what a device call brings back);
