@@ -94,7 +94,7 @@ def test_a_known_signature_skips_the_arguments(kernel, monkeypatch):
         raise AssertionError("the arguments were looked at again")
 
     with monkeypatch.context() as m:
-        m.setattr(launch, "_specialization", fail)
+        m.setattr(launch, "specialization", fail)
         function._launch(kernel, (2,), sig, x, y, 7, 0.25, K=64, V=32)
     function._launch(kernel, (3,), (*sig, "other"), x, y, 7, 0.75, K=64, V=32)
     assert [entry[0] for entry in kernel.log] == ["compile", "direct", "direct"]

@@ -16,7 +16,7 @@ import torch
 from . import config
 from .chunk_bwd import bwd_slots_kernel, bwd_tokens_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel
-from .launch import BOUND, _specialization, launch
+from .launch import BOUND, launch, specialization
 from .scan import chunk_scan_kernel
 
 
@@ -114,7 +114,7 @@ def signature(*xs) -> tuple:
     `xs` that a call did not allocate itself, what `launch` keys on (a tensor's dtype and 16-byte alignment, None).
     Every buffer allocated here follows from them: its dtype from theirs, and it is aligned (the CUDA caching
     allocator aligns to 512 bytes). With the sizes, the kernel and config's tunables it keys `launch.BOUND`."""
-    return (xs[0].device.index, *map(_specialization, xs))
+    return (xs[0].device.index, *map(specialization, xs))
 
 
 def _launch(kernel, grid, sig: tuple, *args, **sizes) -> None:

@@ -62,7 +62,7 @@ def clear() -> None:
     BOUND.clear()
 
 
-def _specialization(x) -> object:
+def specialization(x) -> object:
     """What Triton specializes a runtime argument on (see the module's doc)."""
     if isinstance(x, torch.Tensor):
         return x.dtype, x.data_ptr() % 16 == 0
@@ -113,7 +113,7 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, const: dict, num_warps: i
         kernel[grid](*args, **const, num_warps=num_warps, num_stages=num_stages)
         return None
     device = next(a for a in args if isinstance(a, torch.Tensor)).device.index
-    key = (id(kernel), device, tuple(map(_specialization, args)), tuple(const.items()), num_warps, num_stages, maxnreg)
+    key = (id(kernel), device, tuple(map(specialization, args)), tuple(const.items()), num_warps, num_stages, maxnreg)
     launcher = COMPILED.get(key)
     if launcher is not None:
         launcher(grid, *args)
