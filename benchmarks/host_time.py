@@ -8,7 +8,7 @@ Per hidden size it prints and writes (`host_time_<label>.json` in --out, default
   benchmark times it);
 - host_ms: CPU time per call of 40 calls enqueued without a sync (median and min of 10 such loops): when it exceeds
   the GPU time, the GPU waits for the host;
-- gpu_ms and kernels: the kernels' GPU time per call (torch profiler).
+- gpu_ms and kernels: the kernels' GPU time per call (torch profiler); launches: each launch's, in launch order.
 --profile adds a cProfile of 100 calls (the first hidden size), sorted by own time. Compare trees by running it once
 per tree in the same device call (PYTHONPATH=<tree>): the host's speed moves from machine to machine.
 """
@@ -31,6 +31,20 @@ from flash_gsa import gsa
 from flash_gsa.bench.record import stamp
 
 HEAD_DIM = {1024: 256, 2048: 512}
+
+
+def launch_times(prof, calls: int) -> list[tuple[str, float]] | None:
+    """GPU ms of each kernel launch of one call, in launch order (the median over `calls` identical calls), or None
+    when the profiled kernels do not split into `calls` equal runs. Separates the launches that share a kernel name
+    (the fast and exact intra-chunk paths, the two scans)."""
+    from torch.autograd import DeviceType
+
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    if not events or len(events) % calls:
+        return None
+    n = len(events) // calls
+    return [(events[j].name, statistics.median(events[i * n + j].time_range.elapsed_us() for i in range(calls)) / 1e3)
+            for j in range(n)]
 
 
 def measure(hidden: int, T: int, label: str, profile: bool) -> dict:
@@ -73,10 +87,13 @@ def measure(hidden: int, T: int, label: str, profile: bool) -> dict:
     kernels = {e.key: e.self_device_time_total / 10 / 1e3 for e in prof.key_averages() if e.self_device_time_total}
     rec = dict(hidden=hidden, B=B, T=T, H=H, K=K, V=K, M=M, do_bench_ms=ms, host_ms_median=statistics.median(host),
                host_ms_min=min(host), gpu_ms=sum(kernels.values()),
-               kernels=dict(sorted(kernels.items(), key=lambda kv: -kv[1])))
+               kernels=dict(sorted(kernels.items(), key=lambda kv: -kv[1])), launches=launch_times(prof, 10))
     print(f"[{label}] hidden {hidden} T {T}: do_bench {ms:.3f} ms | host per call: median {rec['host_ms_median']:.3f}, "
           f"min {rec['host_ms_min']:.3f} | kernels {rec['gpu_ms']:.3f}", flush=True)
     for name, t in rec["kernels"].items():
+        print(f"    {t:.4f}  {name}")
+    print("  in launch order (median over the calls):")
+    for name, t in rec["launches"] or []:
         print(f"    {t:.4f}  {name}")
     if profile:
         profiler = cProfile.Profile()
