@@ -79,7 +79,8 @@ class Case:
     lengths: tuple[int, ...] | None = None  # varlen: sequences packed along T
     dtype: torch.dtype = torch.float32  # of q, k, v
     gate_dtype: torch.dtype = torch.float32  # of g, s
-    gates: str = "normal"  # or "extreme": each slot's gates near 0 or near -30
+    gates: str = "normal"  # or "extreme": each slot's gates near 0 or near -30; "patchy": extreme in the first half of
+    # T, normal after (chunks of both paths in one launch)
     init: bool = True
     default_s: bool = False
 
@@ -101,6 +102,10 @@ CASES = {
     "varlen-T260-M64-G2": Case(T=260, M=64, HQ=4, H=2, K=24, V=40, lengths=(1, 64, 0, 130, 65)),
     # extreme gates (some slots keep everything, some forget everything at every step) over four chunks.
     "extreme-T200-M16": Case(T=200, M=16, HQ=2, H=1, K=16, V=32, gates="extreme"),
+    # both intra-chunk paths in one launch: varlen, grouped heads, 7 chunks x 2 kv-heads, the chunks of the first 130
+    # tokens exact.
+    "patchy-varlen-T260-M32-G2": Case(T=260, M=32, HQ=4, H=2, K=32, V=16, lengths=(1, 64, 0, 130, 65),
+                                      gates="patchy"),
     # bf16 as the layer calls it (q, k, v bf16; gates fp32), varlen and grouped heads.
     "bf16-varlen-T65-M32": Case(T=65, M=32, HQ=4, H=2, K=32, V=32, lengths=(17, 48), dtype=torch.bfloat16),
     # everything bf16.
@@ -113,12 +118,16 @@ def make_inputs(c: Case, device):
     q = torch.randn(B, T, c.HQ, c.K, device=device)
     k = torch.randn(B, T, H, c.K, device=device)
     v = torch.randn(B, T, H, c.V, device=device)
-    if c.gates == "normal":  # decays from strong to none
-        g = F.logsigmoid(torch.randn(B, T, H, c.M, device=device) + 1.0)
+    normal = F.logsigmoid(torch.randn(B, T, H, c.M, device=device) + 1.0)  # decays from strong to none
+    near_zero = -1e-6 * torch.rand(B, T, H, c.M, device=device)
+    near_minus_30 = -30.0 + torch.rand(B, T, H, c.M, device=device)
+    extreme = torch.where(torch.rand(c.M, device=device) < 0.5, near_zero, near_minus_30)
+    if c.gates == "normal":
+        g = normal
+    elif c.gates == "extreme":
+        g = extreme
     else:
-        near_zero = -1e-6 * torch.rand(B, T, H, c.M, device=device)
-        near_minus_30 = -30.0 + torch.rand(B, T, H, c.M, device=device)
-        g = torch.where(torch.rand(c.M, device=device) < 0.5, near_zero, near_minus_30)
+        g = torch.where((torch.arange(T, device=device) < T // 2)[None, :, None, None], extreme, normal)
     s = torch.rand(B, T, H, c.M, device=device)
     qkv = [x.to(c.dtype) for x in (q, k, v)]
     gs = [x.to(c.gate_dtype) for x in (g, s)]
