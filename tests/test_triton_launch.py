@@ -192,3 +192,84 @@ def test_too_much_shared_memory_takes_fewer_stages(kernel, monkeypatch, fits_at)
     function._launch(k, (2,), sig, x, x, 3, 1.0, K=32, V=32)
     tried = [("compile", n) for n in range(3, fits_at - 1, -1)]
     assert k.log[:-1] == tried and k.log[-1][0] == "direct" and k.log[-1][1] == (2, 1, 1)
+
+
+class _KeepsNothing(dict):
+    """A launch.BOUND that keeps nothing: every launch works out its specialization from its arguments."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def _launch_log(monkeypatch, bound: dict) -> list:
+    """Forward and backward of the triton backend on CPU tensors for several shapes, dtypes, alignments, states and
+    tunables (some twice), with Triton's compilation replaced by a stand-in (nothing runs). Returns, per launch in
+    order: the kernel's name, the runtime arguments' specialization and the compile-time arguments of the kernel that
+    was launched (as compiled), and the specialization of the arguments it was launched with."""
+    from flash_gsa import gsa
+
+    log = []
+
+    class Compiled:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def __getitem__(self, grid):
+            return lambda *args: log.append((*self.spec, tuple(map(launch.specialization, args[:len(self.spec[1])]))))
+
+    def getitem(self, grid):
+        def compile_and_launch(*args, **kwargs):
+            spec = (self.fn.__name__, tuple(map(launch.specialization, args)), tuple(sorted(kwargs.items())))
+            log.append((*spec, spec[1]))
+            return Compiled(spec)
+
+        return compile_and_launch
+
+    # the kernels' class: JITFunction, or the interpreter's stand-in for it under TRITON_INTERPRET=1
+    monkeypatch.setattr(type(function.chunk_output_kernel), "__getitem__", getitem)
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "COMPILED", {})
+    monkeypatch.setattr(launch, "BOUND", bound)
+    monkeypatch.setattr(function, "BOUND", bound)
+
+    def run(dtype=torch.bfloat16, K=32, V=32, HQ=2, H=2, varlen=False, misaligned=False, state=False):
+        torch.manual_seed(0)
+        B, T, M = (1, 96, 16) if varlen else (2, 64, 16)
+        q = torch.randn(B * T * HQ * K + 1, dtype=dtype)[int(misaligned):][:B * T * HQ * K].view(B, T, HQ, K)
+        k, v = torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, V, dtype=dtype)
+        g = -torch.rand(B, T, H, M, dtype=dtype)
+        xs = [x.requires_grad_() for x in (q, k, v, g)]
+        cu = torch.tensor([0, 40, 96], dtype=torch.int32) if varlen else None
+        n = 2 if varlen else B
+        h0 = (torch.zeros(n, H, K, M), torch.zeros(n, H, M, V)) if state else None
+        o, final = gsa(*xs, initial_state=h0, output_final_state=state, cu_seqlens=cu, backend="triton")
+        loss = o.float().sum() + (final[1].sum() if state else 0)
+        loss.backward()
+
+    run()
+    run()
+    run(dtype=torch.float32)
+    run(K=64, V=32)
+    run(varlen=True, HQ=4)
+    run(misaligned=True)
+    run(state=True)
+    with monkeypatch.context() as m:
+        m.setitem(config.NUM_WARPS, "output", 8)
+        run()
+    run()
+    return log
+
+
+def test_bound_launches_what_the_per_argument_path_launches(monkeypatch):
+    """The launches of real forward and backward calls, through launch.BOUND (a known call signature skips the
+    arguments), take the same compiled kernels as when every launch works out its specialization from its arguments;
+    and each launched kernel was compiled for arguments that specialize as the ones it is launched with."""
+    with monkeypatch.context() as m:
+        per_argument = _launch_log(m, _KeepsNothing())
+    bound = {}
+    through_bound = _launch_log(monkeypatch, bound)
+    assert len(through_bound) == len(per_argument) > 50
+    assert [entry[:3] for entry in through_bound] == [entry[:3] for entry in per_argument]
+    assert all(compiled_for == launched_with for _, compiled_for, _, launched_with in through_bound)
+    # the repeated calls (the second and the last: nine launches each) were taken from BOUND
+    assert 0 < len(bound) <= len(through_bound) - 18
