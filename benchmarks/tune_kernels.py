@@ -34,11 +34,15 @@ VARIANTS = {
     "bwd_tokens_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_tokens": 2}),
     "bwd_tokens_stages4": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_tokens": 4}),
     "bwd_slots_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_slots": 2}),
+    "bwd_slots_stages4": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_slots": 4}),
     # one tile width for every kernel: 64 (twice the loop trips at K = V = 512, smaller products) or 128
     "tiles64": dict(TILE=dict.fromkeys(config.TILE, 64)),
     "tiles128": dict(TILE=dict.fromkeys(config.TILE, 128)),
     # bwd_tokens alone with 128-wide tiles (fewer trips; more live registers)
     "bwd_tokens128": dict(TILE={**config.TILE, "bwd_tokens": 128}),
+    # bwd_slots alone with 128-wide V tiles (its loop takes do @ hv^T and do @ v^T; the slot-level work follows it)
+    "bwd_slots128": dict(TILE={**config.TILE, "bwd_slots": 128}),
+    "output64": dict(TILE={**config.TILE, "output": 64}),
     # no register cap for ptxas (MAX_REGISTERS): its own choice per kernel
     "no_maxnreg": dict(MAX_REGISTERS={}),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)

@@ -47,9 +47,10 @@ def kernel(monkeypatch):
 
 def test_second_launch_is_direct_with_constexprs_in_signature_order(kernel):
     x, y = torch.randn(64), torch.randn(64)
-    sig = function.signature(x, y, 7)
-    function._launch(kernel, (3, 1), sig, x, y, 7, 0.5, K=64, V=32, G=2)  # G: not taken by this kernel
-    function._launch(kernel, (5, 2), sig, x, y, 7, 0.25, K=64, V=32, G=2)
+    sizes = dict(K=64, V=32, G=2)  # G: not taken by this kernel
+    sig = function.signature(sizes, (x, y, 7))
+    function._launch(kernel, (3, 1), sig, sizes, x, y, 7, 0.5)
+    function._launch(kernel, (5, 2), sig, sizes, x, y, 7, 0.25)
     (first, *_), second = kernel.log
     assert first == "compile"
     bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE_BYTES // 4, 32)  # fp32 arguments
@@ -62,7 +63,7 @@ def test_second_launch_is_direct_with_constexprs_in_signature_order(kernel):
 def test_what_triton_specializes_on_compiles_anew(kernel, monkeypatch, change):
     buf = torch.randn(128)
     x, y, n, sizes = buf[:64], torch.randn(64), 7, dict(K=64, V=64)
-    function._launch(kernel, (1,), function.signature(x, y, n), x, y, n, 1.0, **sizes)
+    function._launch(kernel, (1,), function.signature(sizes, (x, y, n)), sizes, x, y, n, 1.0)
     if change == "dtype":
         y = y.double()
     elif change == "alignment":
@@ -78,7 +79,7 @@ def test_what_triton_specializes_on_compiles_anew(kernel, monkeypatch, change):
     else:
         monkeypatch.setitem(config.MAX_REGISTERS, "output", 128)
     for _ in range(2):
-        function._launch(kernel, (1,), function.signature(x, y, n), x, y, n, 1.0, **sizes)
+        function._launch(kernel, (1,), function.signature(sizes, (x, y, n)), sizes, x, y, n, 1.0)
     assert [entry[0] for entry in kernel.log] == ["compile", "compile", "direct"]
 
 
@@ -86,17 +87,17 @@ def test_a_known_signature_skips_the_arguments(kernel, monkeypatch):
     """Once a (kernel, signature, sizes, tunables) key has launched, later launches under it take the kept kernel
     without working out the arguments' specialization; a key Triton has compiled for under another signature (here a
     float argument's value, which Triton does not specialize on) shares the compiled kernel."""
-    x, y = torch.randn(64), torch.randn(64)
-    sig = function.signature(x, y)
-    function._launch(kernel, (1,), sig, x, y, 7, 0.5, K=64, V=32)
+    x, y, sizes = torch.randn(64), torch.randn(64), dict(K=64, V=32)
+    sig = function.signature(sizes, (x, y))
+    function._launch(kernel, (1,), sig, sizes, x, y, 7, 0.5)
 
     def fail(_):
         raise AssertionError("the arguments were looked at again")
 
     with monkeypatch.context() as m:
         m.setattr(launch, "specialization", fail)
-        function._launch(kernel, (2,), sig, x, y, 7, 0.25, K=64, V=32)
-    function._launch(kernel, (3,), (*sig, "other"), x, y, 7, 0.75, K=64, V=32)
+        function._launch(kernel, (2,), sig, sizes, x, y, 7, 0.25)
+    function._launch(kernel, (3,), function.signature(sizes, (x, y), "other"), sizes, x, y, 7, 0.75)
     assert [entry[0] for entry in kernel.log] == ["compile", "direct", "direct"]
     assert len(launch.COMPILED) == 1 and len(launch.BOUND) == 2
 
@@ -105,7 +106,8 @@ def test_interpreter_takes_tritons_path_every_time(kernel, monkeypatch):
     monkeypatch.setattr(launch, "INTERPRET", True)
     x = torch.randn(64)
     for _ in range(2):
-        function._launch(kernel, (1,), function.signature(x, x, 3), x, x, 3, 1.0, K=32, V=32)
+        function._launch(kernel, (1,), function.signature(dict(K=32, V=32), (x, x, 3)), dict(K=32, V=32), x, x, 3,
+                         1.0)
     assert [entry[0] for entry in kernel.log] == ["compile", "compile"] and not launch.BOUND
 
 
@@ -149,9 +151,10 @@ def test_direct_launch_calls_the_c_launcher_with_tritons_leading_arguments(kerne
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 77, raising=False)
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)), raising=False)
     x, y = torch.randn(64), torch.randn(64)
-    sig = function.signature(x, y, 7)
-    function._launch(k, (3, 2), sig, x, y, 7, 0.5, K=64, V=32)
-    function._launch(k, (5,), sig, x, y, 7, 0.25, K=64, V=32)
+    sizes = dict(K=64, V=32)
+    sig = function.signature(sizes, (x, y, 7))
+    function._launch(k, (3, 2), sig, sizes, x, y, 7, 0.5)
+    function._launch(k, (5,), sig, sizes, x, y, 7, 0.25)
     assert compile_calls == [(3, 2)]
     bk, bv = min(config.TILE["output"], 64), max(config.MIN_TILE_BYTES // 4, 32)  # fp32 arguments
     if case != "plain":  # a kernel that needs scratch memory, or a hook: through Triton's runner
@@ -184,12 +187,14 @@ def test_too_much_shared_memory_takes_fewer_stages(kernel, monkeypatch, fits_at)
     x = torch.randn(64)
     if fits_at == 0:
         with pytest.raises(OutOfResources):
-            function._launch(k, (1,), function.signature(x, x, 3), x, x, 3, 1.0, K=32, V=32)
+            function._launch(k, (1,), function.signature(dict(K=32, V=32), (x, x, 3)), dict(K=32, V=32), x, x, 3,
+                             1.0)
         assert k.log == [("compile", 3), ("compile", 2), ("compile", 1)]
         return
-    sig = function.signature(x, x, 3)
-    function._launch(k, (1,), sig, x, x, 3, 1.0, K=32, V=32)
-    function._launch(k, (2,), sig, x, x, 3, 1.0, K=32, V=32)
+    sizes = dict(K=32, V=32)
+    sig = function.signature(sizes, (x, x, 3))
+    function._launch(k, (1,), sig, sizes, x, x, 3, 1.0)
+    function._launch(k, (2,), sig, sizes, x, x, 3, 1.0)
     tried = [("compile", n) for n in range(3, fits_at - 1, -1)]
     assert k.log[:-1] == tried and k.log[-1][0] == "direct" and k.log[-1][1] == (2, 1, 1)
 

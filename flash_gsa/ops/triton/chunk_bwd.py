@@ -31,11 +31,11 @@ in fp32).
 import triton
 import triton.language as tl
 
-from .intra import dot, key_decay, value_decay, value_decay_t
+from .intra import any_exact, dot, is_exact, key_decay, value_decay, value_decay_t
 from .tiles import chunk_block, chunk_span, load_slots, load_tile, state_tile, store_slots, store_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_items"])
 def bwd_slots_kernel(
     v,
     s,
@@ -56,6 +56,7 @@ def bwd_slots_kernel(
     chunk_seq,
     chunk_start,
     scale,
+    n_items,
     H: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
@@ -66,16 +67,37 @@ def bwd_slots_kernel(
     BV: tl.constexpr,
     LOWP: tl.constexpr,
     EXACT: tl.constexpr,
+    ITEMS: tl.constexpr,
 ):
-    """One program per (chunk, query head), for the chunks whose `exact` flag is EXACT. Reads the forward's logits z
-    and lse (p = exp(z - lse)), s, b, the hv half of the states S entering the chunk, v and do. Writes p, dzs, pz,
-    Wd = key_decay(dzs), DV = do v^T and the scan's weights wq = dzs * exp(b) and wdo = p * exp(b) (0 past the
-    sequence's end)."""
-    c = tl.program_id(0)
-    hq = tl.program_id(1)
+    """The slot-level gradients of the chunks whose `exact` flag is EXACT: programs as chunk_output_kernel's (per
+    chunk and query head; on the exact path per ITEMS (chunk, kv-head) pairs). _bwd_slots says what each chunk reads
+    and writes."""
+    if EXACT:
+        first = tl.program_id(0) * ITEMS
+        if any_exact(exact_buf, first, n_items, ITEMS):
+            for j in range(ITEMS):
+                if is_exact(exact_buf, first + j, n_items):
+                    for g in range(G):
+                        _bwd_slots(v, s, b_buf, S, do, z_buf, lse_buf, p_buf, dzs_buf, pz_buf, Wd_buf, wq_buf,
+                                   wdo_buf, DV_buf, cu_seqlens, chunk_seq, chunk_start, scale, (first + j) // H,
+                                   (first + j) % H * G + g, H, G, K, V, M, C, SUB, BV, LOWP, EXACT)
+    else:
+        c = tl.program_id(0)
+        hq = tl.program_id(1)
+        if tl.load(exact_buf + c * H + hq // G) == 0:
+            _bwd_slots(v, s, b_buf, S, do, z_buf, lse_buf, p_buf, dzs_buf, pz_buf, Wd_buf, wq_buf, wdo_buf, DV_buf,
+                       cu_seqlens, chunk_seq, chunk_start, scale, c, hq, H, G, K, V, M, C, SUB, BV, LOWP, EXACT)
+
+
+@triton.jit
+def _bwd_slots(v, s, b_buf, S, do, z_buf, lse_buf, p_buf, dzs_buf, pz_buf, Wd_buf, wq_buf, wdo_buf, DV_buf, cu_seqlens,
+               chunk_seq, chunk_start, scale, c, hq, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+               V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BV: tl.constexpr,
+               LOWP: tl.constexpr, EXACT: tl.constexpr):
+    """Chunk c, query head hq. Reads the forward's logits z and lse (p = exp(z - lse)), s, b, the hv half of the
+    states S entering the chunk, v and do. Writes p, dzs, pz, Wd = key_decay(dzs), DV = do v^T and the scan's weights
+    wq = dzs * exp(b) and wdo = p * exp(b) (0 past the sequence's end)."""
     h = hq // G
-    if tl.load(exact_buf + c * H + h) != EXACT:
-        return
     HQ: tl.constexpr = H * G
     t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
     live = tl.arange(0, C) < n_rows
@@ -110,7 +132,7 @@ def bwd_slots_kernel(
     tl.store(chunk_block(wq_buf, c, hq, HQ, C, M), (dzs * tl.exp(b)).to(wq_buf.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_items"])
 def bwd_tokens_kernel(
     q,
     k,
@@ -138,6 +160,7 @@ def bwd_tokens_kernel(
     cu_seqlens,
     chunk_seq,
     chunk_start,
+    n_items,
     H: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
@@ -149,16 +172,37 @@ def bwd_tokens_kernel(
     BV: tl.constexpr,
     LOWP: tl.constexpr,
     EXACT: tl.constexpr,
+    ITEMS: tl.constexpr,
 ):
-    """One program per (chunk, kv-head), for the chunks whose `exact` flag is EXACT: every token gradient of the
-    kv-head and of its group's query heads. Reads q, k, v, do, s, b, the state gradient D leaving the chunk, the state
-    S entering it, and W, Wd, wq, the saved q k^T and do v^T and the p/dzs/pz buffers of the group's query heads.
-    Writes dq (of the group's heads), dk, dv, ds and dg. One pass over the K tiles and one over the V tiles read each
-    of q, k, v, do, S and D once."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    if tl.load(exact_buf + c * H + h) != EXACT:
-        return
+    """Every token gradient of the chunks whose `exact` flag is EXACT: on the fast path one program per (chunk,
+    kv-head), on the exact path one per ITEMS of the n_items = NC * H (chunk, kv-head) pairs. _bwd_tokens says what
+    each chunk reads and writes."""
+    if EXACT:
+        first = tl.program_id(0) * ITEMS
+        if any_exact(exact_buf, first, n_items, ITEMS):
+            for j in range(ITEMS):
+                if is_exact(exact_buf, first + j, n_items):
+                    _bwd_tokens(q, k, v, s, b_buf, b_last, S, D, do, W_buf, Wd_buf, wq_buf, QK_buf, DV_buf, p_buf,
+                                dzs_buf, pz_buf, dq, dk, dv, ds, dg, cu_seqlens, chunk_seq, chunk_start,
+                                (first + j) // H, (first + j) % H, H, G, K, V, M, C, SUB, BK, BV, LOWP, EXACT)
+    else:
+        c = tl.program_id(0)
+        h = tl.program_id(1)
+        if tl.load(exact_buf + c * H + h) == 0:
+            _bwd_tokens(q, k, v, s, b_buf, b_last, S, D, do, W_buf, Wd_buf, wq_buf, QK_buf, DV_buf, p_buf, dzs_buf,
+                        pz_buf, dq, dk, dv, ds, dg, cu_seqlens, chunk_seq, chunk_start, c, h, H, G, K, V, M, C, SUB,
+                        BK, BV, LOWP, EXACT)
+
+
+@triton.jit
+def _bwd_tokens(q, k, v, s, b_buf, b_last, S, D, do, W_buf, Wd_buf, wq_buf, QK_buf, DV_buf, p_buf, dzs_buf, pz_buf, dq,
+                dk, dv, ds, dg, cu_seqlens, chunk_seq, chunk_start, c, h, H: tl.constexpr, G: tl.constexpr,
+                K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr, EXACT: tl.constexpr):
+    """Chunk c, kv-head h: every token gradient of the kv-head and of its group's query heads. Reads q, k, v, do, s,
+    b, the state gradient D leaving the chunk, the state S entering it, and W, Wd, wq, the saved q k^T and do v^T and
+    the p/dzs/pz buffers of the group's query heads. Writes dq (of the group's heads), dk, dv, ds and dg. One pass
+    over the K tiles and one over the V tiles read each of q, k, v, do, S and D once."""
     HQ: tl.constexpr = H * G
     KV: tl.constexpr = K + V
     t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)

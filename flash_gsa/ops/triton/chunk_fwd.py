@@ -16,7 +16,7 @@ A chunk never straddles two sequences; `chunk_seq`/`chunk_start` give each chunk
 import triton
 import triton.language as tl
 
-from .intra import dot, fast_path_ok, key_decay, value_decay
+from .intra import any_exact, dot, fast_path_ok, is_exact, key_decay, value_decay
 from .tiles import chunk_block, chunk_span, load_slots, load_tile, state_tile, store_slots, store_tile
 
 
@@ -55,7 +55,7 @@ def chunk_local_kernel(
     tl.store(chunk_block(w_buf, c, h, H, C, M), w.to(w_buf.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_items"])
 def chunk_output_kernel(
     q,
     k,
@@ -73,6 +73,7 @@ def chunk_output_kernel(
     chunk_seq,
     chunk_start,
     scale,
+    n_items,
     H: tl.constexpr,
     G: tl.constexpr,
     K: tl.constexpr,
@@ -84,17 +85,38 @@ def chunk_output_kernel(
     BV: tl.constexpr,
     LOWP: tl.constexpr,
     EXACT: tl.constexpr,
+    ITEMS: tl.constexpr,
 ):
-    """One program per (chunk, query head), for the chunks whose `exact` flag is EXACT (function._launch_both_paths).
-    Reads q, k, v, s of the chunk, b and the states S entering it.
+    """The outputs of the chunks whose `exact` flag is EXACT (function._launch_both_paths): on the fast path one
+    program per (chunk, query head); on the exact path one program per ITEMS of the n_items = NC * H (chunk, kv-head)
+    pairs, taking each flagged pair's query heads in turn. _chunk_output says what each chunk reads and writes."""
+    if EXACT:
+        first = tl.program_id(0) * ITEMS
+        if any_exact(exact_buf, first, n_items, ITEMS):
+            for j in range(ITEMS):
+                if is_exact(exact_buf, first + j, n_items):
+                    for g in range(G):
+                        _chunk_output(q, k, v, s, b_buf, S, o, z_buf, lse_buf, W_buf, QK_buf, cu_seqlens, chunk_seq,
+                                      chunk_start, scale, (first + j) // H, (first + j) % H * G + g, H, G, K, V, M, C,
+                                      SUB, BK, BV, LOWP, EXACT)
+    else:
+        c = tl.program_id(0)
+        hq = tl.program_id(1)
+        if tl.load(exact_buf + c * H + hq // G) == 0:
+            _chunk_output(q, k, v, s, b_buf, S, o, z_buf, lse_buf, W_buf, QK_buf, cu_seqlens, chunk_seq, chunk_start,
+                          scale, c, hq, H, G, K, V, M, C, SUB, BK, BV, LOWP, EXACT)
+
+
+@triton.jit
+def _chunk_output(q, k, v, s, b_buf, S, o, z_buf, lse_buf, W_buf, QK_buf, cu_seqlens, chunk_seq, chunk_start, scale, c,
+                  hq, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                  C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+                  EXACT: tl.constexpr):
+    """Chunk c, query head hq. Reads q, k, v, s of the chunk, b and the states S entering it.
     Pass 1: z = scale * (q @ hk) per token (inter-chunk through S, intra-chunk through value_decay of A = q k^T),
     p = softmax_M(z). Pass 2: o = (p * exp(b)) @ hv + W @ v with W[i, j] = sum_m p_i s_j exp(b_i - b_j).
     Writes o, and for the backward z [T', HQ, M], its log-sum-exp lse [T', HQ] and W [NC, HQ, C, C]."""
-    c = tl.program_id(0)
-    hq = tl.program_id(1)
     h = hq // G
-    if tl.load(exact_buf + c * H + h) != EXACT:
-        return
     HQ: tl.constexpr = H * G
     t0, n_rows = chunk_span(c, cu_seqlens, chunk_seq, chunk_start, C)
     rows = tl.arange(0, C)

@@ -8,6 +8,9 @@ SUB = 64  # sub-chunk inside a chunk: pairs within one are taken exactly, across
 # chunk: the fast path then takes one matrix product per intra-chunk form (four at 16), the exact path one pass per
 # diagonal (64); only chunks that decay by more than FAST_DECAY_LIMIT take the latter.
 FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
+EXACT_ITEMS = 4  # (chunk, kv-head) pairs per program of the exact path's launches (function._launch_both_paths). At
+# 32K tokens and 4 kv-heads: 512 programs, about two per SM at the heavy kernels' 255 registers, so all-exact inputs
+# still fill the GPU, and a launch with no flagged chunk starts two waves of programs rather than eight.
 TILE = {"output": 128, "bwd_slots": 64, "bwd_tokens": 64}  # width of the K and V tiles each kernel's
 # matrix products take (capped at K or V). From the H200 sweeps (benchmarks/tune_kernels.py, K = V = 256 and 512):
 # 128 made output 6-28% faster; bwd_tokens (then bwd_kv, with the gate gradients) was 27-51% slower at 128 (more

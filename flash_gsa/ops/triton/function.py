@@ -65,7 +65,9 @@ def layout_for(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, M: int
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Makes `device` the current CUDA device for the launches inside: Triton launches on the current device (and its
     stream), so tensors on cuda:1 while cuda:0 is current would otherwise fail or read the wrong memory."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or device.index == torch.cuda.current_device():  # (entering one costs ~2 us)
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def empty(*shape: int, device, dtype) -> torch.Tensor:
@@ -109,42 +111,60 @@ def _tile(D: int, name: str, itemsize: int) -> int:
     return _width(config.TILE[name], D, itemsize)
 
 
-def signature(*xs) -> tuple:
-    """What Triton specializes the chunk kernels on beyond their compile-time sizes: the device, and for each argument
-    `xs` that a call did not allocate itself, what `launch` keys on (a tensor's dtype and 16-byte alignment, None).
-    Every buffer allocated here follows from them: its dtype from theirs, and it is aligned (the CUDA caching
-    allocator aligns to 512 bytes). With the sizes, the kernel and config's tunables it keys `launch.BOUND`."""
-    return (xs[0].device.index, *map(specialization, xs))
+_SIGNATURES: dict[tuple, int] = {}  # a call's signature -> a small int: hashed once per call, not at every launch
 
 
-def _launch(kernel, grid, sig: tuple, *args, **sizes) -> None:
-    """Launches `kernel` with the sizes among `sizes` that it takes, its K / V tile widths (BK, BV), and its warps,
-    stages and register cap from `config`. `sig` is the call's `signature`: with the sizes and tunables it finds the
-    compiled kernel in `launch.BOUND` without looking at the other arguments (~10 us of host time per launch)."""
-    info = _info(kernel)
-    name = info.name
-    warps, stages, maxnreg = config.NUM_WARPS[name], config.NUM_STAGES[name], config.MAX_REGISTERS.get(name)
-    key = (id(kernel), sig, tuple(sizes.items()), warps, stages, maxnreg, config.TILE.get(name), config.MIN_TILE_BYTES)
+def signature(sizes: dict, tensors: tuple, *also) -> int:
+    """What the chunk kernels' launches in one call are compiled for, beyond each launch's own compile-time arguments,
+    as a small int: the device; for each of `tensors` that the call did not allocate itself what `launch` keys on (a
+    tensor's dtype and 16-byte alignment, None); the compile-time `sizes`; config's warps, stages, register caps and
+    tile widths; and `also`. Every buffer allocated here follows from them: its dtype from theirs, and it is aligned
+    (the CUDA caching allocator aligns to 512 bytes). With the kernel and the launch's own sizes it keys
+    `launch.BOUND`."""
+    full = (tensors[0].device.index, *map(specialization, tensors), *sizes.items(), *config.NUM_WARPS.items(),
+            *config.NUM_STAGES.items(), *config.MAX_REGISTERS.items(), *config.TILE.items(), config.MIN_TILE_BYTES,
+            *also)
+    sig = _SIGNATURES.get(full)
+    if sig is None:
+        sig = _SIGNATURES[full] = len(_SIGNATURES)
+    return sig
+
+
+def _launch(kernel, grid, sig: int, sizes: dict, *args, **extra) -> None:
+    """Launches `kernel` with the sizes among `sizes` and `extra` (this launch's own; they win) that it takes, its
+    K / V tile widths (BK, BV), and its warps, stages and register cap from `config`. `sig` is the call's `signature`
+    of `sizes`: with the kernel and `extra` it finds the compiled kernel in `launch.BOUND` without looking at the
+    arguments (~10 us of host time per launch)."""
+    key = (id(kernel), sig, *extra.items())
     launcher = BOUND.get(key)
     if launcher is not None:
         launcher(grid, *args)
         return
+    info = _info(kernel)
+    name = info.name
+    sizes = {**sizes, **extra}
     if info.tiled:
         itemsize = args[0].element_size()  # every tiled kernel's first argument is a token tensor (q, k or v)
-        sizes = dict(sizes, BK=_tile(sizes["K"], name, itemsize), BV=_tile(sizes["V"], name, itemsize))
+        sizes.update(BK=_tile(sizes["K"], name, itemsize), BV=_tile(sizes["V"], name, itemsize))
     const = {k: v for k, v in sizes.items() if k in info.takes}
-    launcher = launch(kernel, grid, args, const, warps, stages, maxnreg)
+    launcher = launch(kernel, grid, args, const, config.NUM_WARPS[name], config.NUM_STAGES[name],
+                      config.MAX_REGISTERS.get(name))
     if launcher is not None:
         BOUND[key] = launcher
 
 
-def _launch_both_paths(kernel, grid, sig: tuple, *args, **sizes) -> None:
-    """Launches a kernel with intra-chunk products twice: its programs for the chunks on the fast path (most or all of
-    them), then those for the chunks that need the exact path (chunk_local's `exact` flags); every other program
-    returns at once. Compiled apart, the fast kernel holds none of the exact path's code: on the H200 that made the
-    three kernels 4-11% faster than one kernel with a runtime branch between the paths."""
-    _launch(kernel, grid, sig, *args, **sizes, EXACT=False)
-    _launch(kernel, grid, sig, *args, **sizes, EXACT=True)
+def _launch_both_paths(kernel, items: tuple[int, int], sig: int, sizes: dict, *args) -> None:
+    """Launches a kernel with intra-chunk products twice, for the `items` = (chunks, heads) of a chunk and head grid:
+    first one program per item on the fast path (every item whose chunk_local `exact` flag is 0), then the exact
+    path's programs, each of which reads the flags of config.EXACT_ITEMS (chunk, kv-head) pairs at once and returns
+    unless one of them is flagged. Compiled apart, the fast kernel holds none of the exact path's code: on the H200
+    that made the three kernels 4-11% faster than one kernel with a runtime branch between the paths. Grouping the
+    exact path's pairs leaves few programs to launch and retire when (as usual) no chunk is flagged, while as many
+    programs as fit on the GPU still take flagged pairs in parallel."""
+    n_items = items[0] * sizes["H"]  # (chunk, kv-head) pairs, the entries of `exact`
+    per = config.EXACT_ITEMS
+    _launch(kernel, items, sig, sizes, *args, n_items, EXACT=False, ITEMS=per)
+    _launch(kernel, (config.cdiv(n_items, per),), sig, sizes, *args, n_items, EXACT=True, ITEMS=per)
 
 
 def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
@@ -162,7 +182,7 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
     )
 
 
-def _scan(sig: tuple, w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bool):
+def _scan(sig: int, sizes: dict, w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bool):
     """Runs chunk_scan_kernel over the chunks' products w^T x: w = (weights of the hk^T part, of the hv part)
     [NC, H * G, C, M], x = (their tokens [T', H * G, K], [T', H * G, V]). Writes `out` [NC, H, M, K + V] (the states
     entering each chunk; reversed, the gradients of those leaving it); returns the [N, H, M, K + V] fp32 state after
@@ -177,8 +197,8 @@ def _scan(sig: tuple, w, x, out, b_last, init, layout: ChunkLayout, H: int, G: i
     if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
         BM = min(config.BLOCK_SCAN_M[0], M)
     grid = (tiles, M // BM, n_seq * H)
-    _launch(chunk_scan_kernel, grid, sig, w[0], x[0], w[1], x[1], out, b_last, init if init is not None else final,
-            final, layout.cu_seqlens, layout.chunk_offsets, H=H, G=G, K=K, V=V, M=M, C=layout.chunk, BM=BM, BN=BN,
+    _launch(chunk_scan_kernel, grid, sig, sizes, w[0], x[0], w[1], x[1], out, b_last,
+            init if init is not None else final, final, layout.cu_seqlens, layout.chunk_offsets, G=G, BM=BM, BN=BN,
             REVERSE=reverse, HAS_INIT=init is not None)
     return final
 
@@ -198,16 +218,16 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     states = empty(NC, H, M, K + V, device=dev, dtype=low)
     exact = empty(NC, H, device=dev, dtype=torch.int32)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
-    sig = signature(q, k, v, g, s, init, layout.cu_seqlens)
+    sig = signature(sizes, (q, k, v, g, s, init, layout.cu_seqlens))
 
-    _launch(chunk_local_kernel, (NC, H), sig, g, s, b, b_last, w, exact, *tables, **sizes)
-    final = _scan(sig, (w, w), (k, v), states, b_last, init, layout, H, 1, reverse=False)
+    _launch(chunk_local_kernel, (NC, H), sig, sizes, g, s, b, b_last, w, exact, *tables)
+    final = _scan(sig, sizes, (w, w), (k, v), states, b_last, init, layout, H, 1, reverse=False)
     o = empty(*q.shape[:-1], V, device=dev, dtype=q.dtype)
     z = empty(T, HQ, M, device=dev, dtype=f32)
     lse = empty(T, HQ, device=dev, dtype=f32)
     W, QK = (empty(NC, HQ, C, C, device=dev, dtype=low) for _ in range(2))
-    _launch_both_paths(chunk_output_kernel, (NC, HQ), sig, q, k, v, s, b, states, o, z, lse, W, QK, exact, *tables,
-                       scale, **sizes)
+    _launch_both_paths(chunk_output_kernel, (NC, HQ), sig, sizes, q, k, v, s, b, states, o, z, lse, W, QK, exact,
+                       *tables, scale)
     return o, final, (b, b_last, states, z, lse, W, QK, exact)
 
 
@@ -221,19 +241,19 @@ def chunk_backward(q, k, v, s, do, d_final, saved, scale: float, layout: ChunkLa
     sizes = _sizes(q, k, v, M, layout, config.LOWP_BACKWARD)
     dev, low = q.device, state_dtype(q.dtype)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
-    sig = (*signature(q, k, v, s, do, d_final, layout.cu_seqlens), g_dtype)
+    sig = signature(sizes, (q, k, v, s, do, d_final, layout.cu_seqlens), g_dtype)
 
     dq = empty(*q.shape, device=dev, dtype=q.dtype)
     p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(3))  # (bf16 for 16-bit inputs: half the bytes)
     Wd, DV = (empty(NC, HQ, C, C, device=dev, dtype=low) for _ in range(2))
     wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
-    _launch_both_paths(bwd_slots_kernel, (NC, HQ), sig, v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, DV,
-                       exact, *tables, scale, **sizes)
+    _launch_both_paths(bwd_slots_kernel, (NC, HQ), sig, sizes, v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, DV,
+                       exact, *tables, scale)
     D = empty(NC, H, M, K + V, device=dev, dtype=low)
-    d_init = _scan(sig, (wq, wdo), (q, do), D, b_last, d_final, layout, H, G, reverse=True)
+    d_init = _scan(sig, sizes, (wq, wdo), (q, do), D, b_last, d_final, layout, H, G, reverse=True)
 
     dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
     dg = empty(*s.shape, device=dev, dtype=g_dtype)
-    _launch_both_paths(bwd_tokens_kernel, (NC, H), sig, q, k, v, s, b, b_last, states, D, do, W, Wd, wq, QK, DV, p,
-                       dzs, pz, dq, dk, dv, ds, dg, exact, *tables, **sizes)
+    _launch_both_paths(bwd_tokens_kernel, (NC, H), sig, sizes, q, k, v, s, b, b_last, states, D, do, W, Wd, wq, QK,
+                       DV, p, dzs, pz, dq, dk, dv, ds, dg, exact, *tables)
     return dq, dk, dv, ds, dg, d_init

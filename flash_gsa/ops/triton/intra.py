@@ -66,6 +66,21 @@ def mm(a, b, LOWP: tl.constexpr):
 
 
 @triton.jit
+def any_exact(exact_buf, first, n_items, ITEMS: tl.constexpr):
+    """Whether any of the (chunk, kv-head) items first .. first + ITEMS (of n_items) is flagged exact (exact_buf, flat
+    [NC * H] int32): one load for the whole block. The exact-path programs of the heavy kernels each take ITEMS items,
+    so that on the fast path (no chunk flagged) few programs read their flags and return."""
+    items = first + tl.arange(0, ITEMS)
+    return tl.max(tl.load(exact_buf + items, mask=items < n_items, other=0), axis=0) != 0
+
+
+@triton.jit
+def is_exact(exact_buf, item, n_items):
+    """Whether (chunk, kv-head) item `item` exists and is flagged exact."""
+    return tl.load(exact_buf + item, mask=item < n_items, other=0) != 0
+
+
+@triton.jit
 def fast_path_ok(b, b_rows, C: tl.constexpr, M: tl.constexpr, SUB: tl.constexpr):
     """True when every row's decay since the start of its sub-chunk stays above -FAST_DECAY_LIMIT."""
     rows = tl.arange(0, C)

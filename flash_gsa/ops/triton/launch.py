@@ -32,19 +32,19 @@ class Launcher:
     """One compiled kernel: `launcher(grid, *args)` launches it on runtime arguments `args` of the specialization it
     was compiled for (its compile-time arguments are bound)."""
 
-    __slots__ = ("compiled", "in_order", "direct", "device")
+    __slots__ = ("compiled", "in_order", "c_launch", "leading", "device")
 
     def __init__(self, compiled, in_order: tuple, device: int):
         self.compiled = compiled
         self.in_order = in_order  # the compile-time arguments in signature order: the compiled kernel takes them all
-        self.direct = _direct(compiled)
+        self.c_launch, self.leading = _direct(compiled) or (None, ())
         self.device = device
 
     def __call__(self, grid: tuple[int, ...], *args) -> None:
         grid = (*grid, 1, 1)  # the compiled kernel takes a 3-d grid
-        if self.direct is not None and not _hooked():
-            stream = torch._C._cuda_getCurrentRawStream(self.device)
-            self.direct(grid[0], grid[1], grid[2], stream, *args, *self.in_order)
+        if self.c_launch is not None and not _hooked():
+            self.c_launch(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self.device), *self.leading,
+                          *args, *self.in_order)
         else:
             self.compiled[grid[:3]](*args, *self.in_order)
 
@@ -73,27 +73,21 @@ def specialization(x) -> object:
     return type(x)
 
 
-def _direct(compiled) -> Callable | None:
-    """A launcher of `compiled` that calls Triton 3.6's C launch function itself, or None when the compiled kernel
-    does not have the form this relies on (another Triton version, or a kernel that needs scratch memory). Triton's
-    own runner (`compiled[grid](*args)`) also looks up the current device and stream and builds launch metadata on
-    every call: ~10 us of host time per launch on the H200 machine."""
+def _direct(compiled) -> tuple[Callable, tuple] | None:
+    """Triton 3.6's C launch function of `compiled` and the arguments it takes between the stream and the kernel's
+    own: (function, cooperative, pdl, global and profile scratch, metadata, launch metadata, enter and exit hooks).
+    None when the compiled kernel does not have the form this relies on (another Triton version, or a kernel that
+    needs scratch memory). Triton's own runner (`compiled[grid](*args)`) also looks up the current device and stream
+    and builds launch metadata on every call: ~10 us of host time per launch on the H200 machine."""
     try:
         compiled._init_handles()
         launcher = compiled.run
-        c_launch, function, metadata = launcher.launch, compiled.function, compiled.packed_metadata
         if launcher.global_scratch_size or launcher.profile_scratch_size:
             return None
-        cooperative, pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
+        return launcher.launch, (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
+                                 compiled.packed_metadata, None, None, None)
     except AttributeError:
         return None
-
-    def run(grid_x: int, grid_y: int, grid_z: int, stream: int, *args) -> None:
-        # (grid, stream, function, cooperative, pdl, global and profile scratch, metadata, launch metadata, hooks)
-        c_launch(grid_x, grid_y, grid_z, stream, function, cooperative, pdl, None, None, metadata, None, None, None,
-                 *args)
-
-    return run
 
 
 def _hooked() -> bool:
