@@ -4,8 +4,8 @@ supported sizes.
 The kernels are compiled for sm_90 on this (GPU-less) machine by `gsa bench resources` (Triton and its bundled ptxas
 need no device), in a subprocess because the test session runs Triton in interpreter mode. A kernel whose shared
 memory exceeds the H100's 227 KiB per block fails at launch with OutOfResources, which the interpreter never shows:
-before chunk sizes depended on M, M = 128 with K = V = 256 needed 320 KiB in bwd_query (now bwd_slots); with
-float32 inputs there, chunk_output needed 256 KiB at its two pipeline stages (the records are the kernels as they
+before chunk sizes depended on M, M = 128 with K = V = 256 needed 320 KiB in bwd_query (an earlier backward kernel);
+with float32 inputs there, chunk_output needed 256 KiB at its two pipeline stages (the records are the kernels as they
 launch: `launch.launch` compiles a kernel that does not fit again with fewer stages, and `gsa bench resources` does
 the same).
 """
@@ -48,8 +48,8 @@ def test_largest_shapes_fit_h100_shared_memory(tmp_path, dtype, shapes):
         assert payload["target"] == "sm_90" and "commit" in payload["stamp"]
         records += payload["records"]
         failed += [stdout[-3000:]] if proc.returncode else []
-    heavy = {"chunk_output_kernel", "bwd_slots_kernel", "bwd_tokens_kernel"}  # each compiled for both intra paths
-    kernels = {"chunk_local_kernel", "chunk_scan_kernel", "_gsa_decode_kernel"} | heavy
+    heavy = {"chunk_output_kernel", "bwd_values_kernel"}  # each compiled for both intra-chunk paths
+    kernels = {"chunk_local_kernel", "chunk_scan_kernel", "bwd_keys_kernel", "_gsa_decode_kernel"} | heavy
     kernels |= {f"{name} (exact path)" for name in heavy}
     for shape in shapes:
         K, V, M = (int(x) for x in shape.split(","))

@@ -149,8 +149,8 @@ def triton_fwd(
 def _saved_like(q: Tensor, k: Tensor, v: Tensor, g: Tensor, cu_seqlens: Tensor | None) -> list[Tensor]:
     """Empty tensors as the buffers `chunk_forward` saves: b [NC, H, C, M] and b_last [NC, H, M] in fp32, the states
     entering each chunk [NC, H, M, K + V] in `state_dtype`, the logits z [T', HQ, M] and lse [T', HQ] in fp32, the
-    pass-2 weights W and q k^T [NC, HQ, C, C] in `state_dtype` and the chunks' `exact` flags [NC, H] int32. NC, the
-    number of chunks, depends on cu_seqlens' values."""
+    pass-2 weights W and q k^T [NC, HQ, C, C] in `state_dtype`, p * exp(b) [NC, HQ, C, M] in q's dtype and the
+    chunks' `exact` flags [NC, H] int32. NC, the number of chunks, depends on cu_seqlens' values."""
     from .triton import config
     from .triton.function import state_dtype
 
@@ -168,6 +168,7 @@ def _saved_like(q: Tensor, k: Tensor, v: Tensor, g: Tensor, cu_seqlens: Tensor |
         q.new_empty(B * T, HQ, **f32),
         q.new_empty(nc, HQ, C, C, **low),
         q.new_empty(nc, HQ, C, C, **low),
+        q.new_empty(nc, HQ, C, M),
         q.new_empty(nc, H, dtype=torch.int32),
     ]
 

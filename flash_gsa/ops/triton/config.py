@@ -4,14 +4,12 @@ CHUNK = {16: 64, 32: 64, 64: 64, 128: 64, 256: 16}  # tokens per chunk, by M (sl
 # Chosen from `gsa bench resources` (sm_90, K = V = 256 and 512): at M = 256 a 64-token chunk needs more shared memory
 # than the H100 has and 32 tokens compile to kernels that spill 70 KB; 16 spill least. M = 128 fits at 64 tokens
 # (120 KiB) and spills less there than at 32.
-SUB = 64  # sub-chunk inside a chunk: pairs within one are taken exactly, across them through an anchor. A whole
-# chunk: the fast path then takes one matrix product per intra-chunk form (four at 16), the exact path one pass per
-# diagonal (64); only chunks that decay by more than FAST_DECAY_LIMIT take the latter.
-FAST_DECAY_LIMIT = 60.0  # sub-chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26
+FAST_DECAY_LIMIT = 60.0  # chunk decay beyond which the exact (slow) intra-chunk path runs; exp(60) ~ 1e26. The fast
+# path takes one matrix product per intra-chunk form, the exact path one pass per diagonal (intra.py).
 EXACT_ITEMS = 4  # (chunk, kv-head) pairs per program of the exact path's launches (function._launch_both_paths). At
 # 32K tokens and 4 kv-heads: 512 programs, about two per SM at the heavy kernels' 255 registers, so all-exact inputs
 # still fill the GPU, and a launch with no flagged chunk starts two waves of programs rather than eight.
-TILE = {"output": 128, "bwd_slots": 64, "bwd_tokens": 64}  # width of the K and V tiles each kernel's
+TILE = {"output": 128, "bwd_values": 64, "bwd_keys": 64}  # width of the K and V tiles each kernel's
 # matrix products take (capped at K or V). From the H200 sweeps (benchmarks/tune_kernels.py, K = V = 256 and 512):
 # 128 made output 6-28% faster; bwd_tokens (then bwd_kv, with the gate gradients) was 27-51% slower at 128 (more
 # spills).
@@ -32,17 +30,17 @@ SCAN_MANY_PROGRAMS = 256  # the first. H200, both scans, whose walks form each c
 # ahead of the stores as in the scan (chunk_states, commit 1496c3c): 0.44 / 0.87 ms against 0.19 / 0.34 ms for local +
 # forward scan; with two chunks per step 0.40 / 0.76 ms; with pipelined loads or 8 warps slower still.)
 
-MAX_REGISTERS = {"output": 255, "bwd_slots": 255, "bwd_tokens": 255}  # per thread (ptxas' .maxnreg), as 255 is
+MAX_REGISTERS = {"output": 255, "bwd_values": 255, "bwd_keys": 255}  # per thread (ptxas' .maxnreg), as 255 is
 # ptxas' own limit: without the cap, the fast-path bwd_slots at M = 256 (16-token chunks) was compiled to 32
 # registers and 40 KB of spill code (255 registers and 6 KB with it; `gsa bench resources`).
-NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_slots": 4, "bwd_tokens": 4}
-NUM_STAGES = {"local": 1, "scan": 1, "output": 2, "bwd_slots": 3, "bwd_tokens": 3}
+NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_values": 4, "bwd_keys": 4}
+NUM_STAGES = {"local": 1, "scan": 1, "output": 2, "bwd_values": 3, "bwd_keys": 3}
 # (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster. local has no loop; the scan issues
 # its loads ahead by hand, which left nothing for Triton's pipelining to take.)
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
 # (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped
 # heads), which the interpreter cannot see. (On an H100, 8 warps had been 15-25% faster at M = 64; on the H200, with
-# one anchor per chunk (SUB = 64), 8 warps at M = 64 made fwd+bwd 2-16% slower.)
+# one matrix product per intra-chunk form, 8 warps at M = 64 made fwd+bwd 2-16% slower.)
 # bf16 operands for the intra-chunk products of 16-bit inputs (else fp32, i.e. tf32 on tensor cores). The H100
 # benchmark in benchmarks/results was measured with both False; bf16 in the backward raised the gate gradient's
 # error from ~2e-2 to ~4e-2 at T = 2048.

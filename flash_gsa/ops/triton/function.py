@@ -1,8 +1,10 @@
-"""The triton backend's launches: the chunked forward (3 kernels) and backward (3 kernels, the scan reversed).
+"""The triton backend's launches: the chunked forward (3 kernels) and backward (4: the scan reversed, each half of the
+state in its own launch).
 `flash_gsa.ops.custom_op` wraps them as the torch.library ops `flash_gsa::triton_fwd` / `triton_bwd`.
 
 Forward:  chunk_local (per chunk) -> chunk_scan (across chunks) -> chunk_output (per chunk).
-Backward: bwd_slots (per chunk) -> chunk_scan, reversed -> bwd_tokens (per chunk).
+Backward: chunk_scan, reversed, of the hv half -> bwd_values (per chunk) -> chunk_scan, reversed, of the hk half ->
+bwd_keys (per chunk).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from . import config
-from .chunk_bwd import bwd_slots_kernel, bwd_tokens_kernel
+from .chunk_bwd import bwd_keys_kernel, bwd_values_kernel
 from .chunk_fwd import chunk_local_kernel, chunk_output_kernel
 from .launch import BOUND, launch, specialization
 from .scan import chunk_scan_kernel
@@ -83,7 +85,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class _KernelInfo:
-    name: str  # the kernel's key in config's tables: chunk_local_kernel -> "local", bwd_tokens_kernel -> "bwd_tokens"
+    name: str  # the kernel's key in config's tables: chunk_local_kernel -> "local", bwd_keys_kernel -> "bwd_keys"
     takes: frozenset[str]  # its parameters
     tiled: bool  # takes K / V tile widths (BK and / or BV)
 
@@ -177,36 +179,39 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
         V=V,
         M=M,
         C=layout.chunk,
-        SUB=min(config.SUB, layout.chunk),
         LOWP=lowp and q.dtype != torch.float32,
     )
 
 
-def _scan(sig: int, sizes: dict, w, x, out, b_last, init, layout: ChunkLayout, H: int, G: int, reverse: bool):
-    """Runs chunk_scan_kernel over the chunks' products w^T x: w = (weights of the hk^T part, of the hv part)
-    [NC, H * G, C, M], x = (their tokens [T', H * G, K], [T', H * G, V]). Writes `out` [NC, H, M, K + V] (the states
-    entering each chunk; reversed, the gradients of those leaving it); returns the [N, H, M, K + V] fp32 state after
-    the last chunk (the first, when reversed)."""
-    M, K, V = out.shape[-2], x[0].shape[-1], x[1].shape[-1]
+def _scan(sig: int, sizes: dict, parts: dict, out, b_last, init, final, layout: ChunkLayout, H: int, G: int,
+          reverse: bool) -> None:
+    """Runs chunk_scan_kernel over the chunks' products w^T x for the `parts` of the state it is given: "keys" (the
+    hk^T columns) and / or "values" (the hv columns), each a pair w [NC, H * G, C, M], x [T', H * G, K or V]. Writes
+    those columns of `out` [NC, H, M, K + V] (the states entering each chunk; reversed, the gradients of those leaving
+    it) and of `final` [N, H, M, K + V] fp32, the state after the last chunk (the first, when reversed), starting from
+    `init` (same layout) or 0."""
+    M, K, V = out.shape[-2], sizes["K"], sizes["V"]
     n_seq = layout.cu_seqlens.numel() - 1
-    final = empty(n_seq, H, M, K + V, device=out.device, dtype=torch.float32)
-    # columns of one scan tile; the K part's tiles, then the V part's
-    BN = _width(config.BLOCK_SCAN, max(K, V), x[0].element_size())
-    tiles = config.cdiv(K, BN) + config.cdiv(V, BN)
+    x = next(iter(parts.values()))[1]
+    # columns of one scan tile; the K part's tiles come first, then the V part's
+    BN = _width(config.BLOCK_SCAN, max(K, V), x.element_size())
+    nk, nv = config.cdiv(K, BN), config.cdiv(V, BN)
+    tiles = (nk if "keys" in parts else 0) + (nv if "values" in parts else 0)
     BM = min(config.BLOCK_SCAN_M[1], M)
     if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
         BM = min(config.BLOCK_SCAN_M[0], M)
     grid = (tiles, M // BM, n_seq * H)
-    _launch(chunk_scan_kernel, grid, sig, sizes, w[0], x[0], w[1], x[1], out, b_last,
-            init if init is not None else final, final, layout.cu_seqlens, layout.chunk_offsets, G=G, BM=BM, BN=BN,
-            REVERSE=reverse, HAS_INIT=init is not None)
-    return final
+    wk, xk = parts.get("keys", parts.get("values"))
+    wv, xv = parts.get("values", parts.get("keys"))
+    _launch(chunk_scan_kernel, grid, sig, sizes, wk, xk, wv, xv, out, b_last, init if init is not None else final,
+            final, layout.cu_seqlens, layout.chunk_offsets, G=G, BM=BM, BN=BN, REVERSE=reverse,
+            HAS_INIT=init is not None, FIRST_TILE=0 if "keys" in parts else nk)
 
 
 def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     """q [T', HQ, K] ... (contiguous; or [B, T, HQ, K] ..., read as [B * T, HQ, K]). init: [N, H, M, K + V] fp32 or
     None. Returns o (q's shape, V for K), the final state [N, H, M, K + V] fp32 and the buffers the backward needs: b,
-    b_last, the states entering each chunk, z, lse, W, q k^T, exact."""
+    b_last, the states entering each chunk, z, lse, W, q k^T, p * exp(b), exact."""
     HQ, K = q.shape[-2:]
     T, H, V, M = q.numel() // (HQ * K), k.shape[-2], v.shape[-1], g.shape[-1]
     C, NC = layout.chunk, layout.num_chunks
@@ -221,39 +226,49 @@ def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):
     sig = signature(sizes, (q, k, v, g, s, init, layout.cu_seqlens))
 
     _launch(chunk_local_kernel, (NC, H), sig, sizes, g, s, b, b_last, w, exact, *tables)
-    final = _scan(sig, sizes, (w, w), (k, v), states, b_last, init, layout, H, 1, reverse=False)
+    final = empty(layout.cu_seqlens.numel() - 1, H, M, K + V, device=dev, dtype=f32)
+    _scan(sig, sizes, {"keys": (w, k), "values": (w, v)}, states, b_last, init, final, layout, H, 1, reverse=False)
     o = empty(*q.shape[:-1], V, device=dev, dtype=q.dtype)
     z = empty(T, HQ, M, device=dev, dtype=f32)
     lse = empty(T, HQ, device=dev, dtype=f32)
     W, QK = (empty(NC, HQ, C, C, device=dev, dtype=low) for _ in range(2))
-    _launch_both_paths(chunk_output_kernel, (NC, HQ), sig, sizes, q, k, v, s, b, states, o, z, lse, W, QK, exact,
+    wdo = empty(NC, HQ, C, M, device=dev, dtype=q.dtype)
+    _launch_both_paths(chunk_output_kernel, (NC, HQ), sig, sizes, q, k, v, s, b, states, o, z, lse, W, QK, wdo, exact,
                        *tables, scale)
-    return o, final, (b, b_last, states, z, lse, W, QK, exact)
+    return o, final, (b, b_last, states, z, lse, W, QK, wdo, exact)
 
 
 def chunk_backward(q, k, v, s, do, d_final, saved, scale: float, layout: ChunkLayout, g_dtype: torch.dtype):
     """Gradients of q, k, v, s, g (in g_dtype, cast from fp32 in the kernel) and of the initial state. d_final:
     gradient of the final state, or None. Tensors as chunk_forward's; each gradient has its tensor's shape."""
-    b, b_last, states, z, lse, W, QK, exact = saved
+    b, b_last, states, z, lse, W, QK, wdo, exact = saved
     HQ, K = q.shape[-2:]
     T, H, V, M = q.numel() // (HQ * K), k.shape[-2], v.shape[-1], s.shape[-1]
     G, C, NC = HQ // H, layout.chunk, layout.num_chunks
     sizes = _sizes(q, k, v, M, layout, config.LOWP_BACKWARD)
-    dev, low = q.device, state_dtype(q.dtype)
+    dev, f32, low = q.device, torch.float32, state_dtype(q.dtype)
     tables = (layout.cu_seqlens, layout.chunk_seq, layout.chunk_start)
     sig = signature(sizes, (q, k, v, s, do, d_final, layout.cu_seqlens), g_dtype)
 
-    dq = empty(*q.shape, device=dev, dtype=q.dtype)
-    p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(3))  # (bf16 for 16-bit inputs: half the bytes)
-    Wd, DV = (empty(NC, HQ, C, C, device=dev, dtype=low) for _ in range(2))
-    wq, wdo = (empty(NC, HQ, C, M, device=dev, dtype=q.dtype) for _ in range(2))
-    _launch_both_paths(bwd_slots_kernel, (NC, HQ), sig, sizes, v, s, b, states, do, z, lse, p, dzs, pz, Wd, wq, wdo, DV,
-                       exact, *tables, scale)
     D = empty(NC, H, M, K + V, device=dev, dtype=low)
-    d_init = _scan(sig, sizes, (wq, wdo), (q, do), D, b_last, d_final, layout, H, G, reverse=True)
+    d_init = empty(layout.cu_seqlens.numel() - 1, H, M, K + V, device=dev, dtype=f32)
+    _scan(sig, sizes, {"values": (wdo, do)}, D, b_last, d_final, d_init, layout, H, G, reverse=True)
 
-    dk, dv, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (k, v, s))
+    wq = empty(NC, HQ, C, M, device=dev, dtype=q.dtype)
+    Wd = empty(NC, HQ, C, C, device=dev, dtype=low)
+    p, dzs, pz = (empty(T, HQ, M, device=dev, dtype=low) for _ in range(3))  # (p, dzs: the exact path's scratch)
+    dsv = empty(T, HQ, M, device=dev, dtype=f32)
+    later = empty(NC, HQ, M, device=dev, dtype=f32)
+    dv = empty(*v.shape, device=dev, dtype=v.dtype)
+    dv_heads = dv if G == 1 else empty(*q.shape[:-1], V, device=dev, dtype=f32)  # per query head, summed below
+    _launch_both_paths(bwd_values_kernel, (NC, HQ), sig, sizes, v, s, b, b_last, states, D, do, z, lse, W, QK, p, dzs,
+                       pz, dsv, later, Wd, wq, dv_heads, exact, *tables, scale)
+    if G > 1:
+        dv.copy_(dv_heads.unflatten(-2, (H, G)).sum(-2))
+    _scan(sig, sizes, {"keys": (wq, q)}, D, b_last, d_final, d_init, layout, H, G, reverse=True)
+
+    dq, dk, ds = (empty(*x.shape, device=dev, dtype=x.dtype) for x in (q, k, s))
     dg = empty(*s.shape, device=dev, dtype=g_dtype)
-    _launch_both_paths(bwd_tokens_kernel, (NC, H), sig, sizes, q, k, v, s, b, b_last, states, D, do, W, Wd, wq, QK,
-                       DV, p, dzs, pz, dq, dk, dv, ds, dg, exact, *tables)
+    _launch(bwd_keys_kernel, (NC, H), sig, sizes, q, k, s, b, b_last, states, D, Wd, wq, dsv, pz, later, dq, dk, ds, dg,
+            *tables)
     return dq, dk, dv, ds, dg, d_init

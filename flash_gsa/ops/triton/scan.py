@@ -33,22 +33,26 @@ def chunk_scan_kernel(
     BN: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_INIT: tl.constexpr,
+    FIRST_TILE: tl.constexpr,
 ):
     """One program per (tile [BM slots, BN columns] of the state, sequence x kv-head), walking the sequence's chunks
     in order (REVERSE: backwards). With x_c = sum over the group's G heads j of w_j[c]^T x_j[c] ([M, C] @ [C, BN]):
         out[c] = S;  S = S * exp(b_last[c]) + x_c       starting from S = init (or 0); final = S at the end.
-    The first cdiv(K, BN) column tiles walk the hk^T part (weights wk, tokens xk [T', H * G, K]), the others the hv
-    part (wv, xv [T', H * G, V]).
+    The column tiles in order: cdiv(K, BN) of the hk^T part (weights wk, tokens xk [T', H * G, K]), then those of
+    the hv part (wv, xv [T', H * G, V]); a launch takes the tiles from FIRST_TILE on (the backward scans each half
+    in its own launch: FIRST_TILE = 0 and a grid of the K part's tiles, or FIRST_TILE = cdiv(K, BN)).
     Forward (G = 1): w = s * exp(b_last - b) (chunk_local), x = k and v; out = the states entering each chunk.
-    Reversed: w = dzs * exp(b) with x = q, and p * exp(b) with x = do (bwd_slots): the gradient of the state entering
-    the chunk from the chunk's own outputs; out = the gradients of the states leaving each chunk."""
+    Reversed: w = p * exp(b) (chunk_output) with x = do, then w = dzs * exp(b) (bwd_values) with x = q: the gradient
+    of the state entering the chunk from the chunk's own outputs; out = the gradients of the states leaving each
+    chunk."""
     NK: tl.constexpr = (K + BN - 1) // BN
-    if tl.program_id(0) < NK:
-        _walk(wk, xk, out, b_last, init, final, cu_seqlens, chunk_offsets, tl.program_id(0) * BN, 0, K, H, G, K + V,
-              M, C, BM, BN, REVERSE, HAS_INIT)
+    tile = FIRST_TILE + tl.program_id(0)
+    if tile < NK:
+        _walk(wk, xk, out, b_last, init, final, cu_seqlens, chunk_offsets, tile * BN, 0, K, H, G, K + V, M, C, BM, BN,
+              REVERSE, HAS_INIT)
     else:
-        _walk(wv, xv, out, b_last, init, final, cu_seqlens, chunk_offsets, (tl.program_id(0) - NK) * BN, K, V, H, G,
-              K + V, M, C, BM, BN, REVERSE, HAS_INIT)
+        _walk(wv, xv, out, b_last, init, final, cu_seqlens, chunk_offsets, (tile - NK) * BN, K, V, H, G, K + V, M, C,
+              BM, BN, REVERSE, HAS_INIT)
 
 
 @triton.jit
