@@ -30,18 +30,17 @@ VARIANTS = {
     "default": {},
     # software pipelining of the K / V tile loops: one stage fewer than the defaults
     "output_stages1": dict(NUM_STAGES={**config.NUM_STAGES, "output": 1}),
-    "bwd_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_slots": 2, "bwd_tokens": 2}),
-    "bwd_tokens_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_tokens": 2}),
-    "bwd_tokens_stages4": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_tokens": 4}),
-    "bwd_slots_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_slots": 2}),
-    "bwd_slots_stages4": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_slots": 4}),
+    "bwd_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_values": 2, "bwd_keys": 2}),
+    "bwd_values_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_values": 2}),
+    "bwd_values_stages4": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_values": 4}),
+    "bwd_keys_stages2": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_keys": 2}),
+    "bwd_keys_stages4": dict(NUM_STAGES={**config.NUM_STAGES, "bwd_keys": 4}),
     # one tile width for every kernel: 64 (twice the loop trips at K = V = 512, smaller products) or 128
     "tiles64": dict(TILE=dict.fromkeys(config.TILE, 64)),
     "tiles128": dict(TILE=dict.fromkeys(config.TILE, 128)),
-    # bwd_tokens alone with 128-wide tiles (fewer trips; more live registers)
-    "bwd_tokens128": dict(TILE={**config.TILE, "bwd_tokens": 128}),
-    # bwd_slots alone with 128-wide V tiles (its loop takes do @ hv^T and do @ v^T; the slot-level work follows it)
-    "bwd_slots128": dict(TILE={**config.TILE, "bwd_slots": 128}),
+    # one backward kernel with 128-wide tiles (fewer trips; more live registers)
+    "bwd_values128": dict(TILE={**config.TILE, "bwd_values": 128}),
+    "bwd_keys128": dict(TILE={**config.TILE, "bwd_keys": 128}),
     "output64": dict(TILE={**config.TILE, "output": 64}),
     # no register cap for ptxas (MAX_REGISTERS): its own choice per kernel
     "no_maxnreg": dict(MAX_REGISTERS={}),
@@ -51,9 +50,9 @@ VARIANTS = {
     # 64: 255 registers and spills), twice the chunks (states, scan steps)
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
     # 8 warps for the three heavy kernels (register-bound at 4: 255 registers, spills)
-    "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_slots": 8, "bwd_tokens": 8}),
-    # 8 warps for bwd_tokens alone (the kernel that spills most at 4: ~1 KB per thread)
-    "bwd_tokens_w8": dict(NUM_WARPS={**config.NUM_WARPS, "bwd_tokens": 8}),
+    "warps8": dict(NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_values": 8, "bwd_keys": 8}),
+    # 8 warps for bwd_values alone (the kernel with the most live [C, M] tensors)
+    "bwd_values_w8": dict(NUM_WARPS={**config.NUM_WARPS, "bwd_values": 8}),
     # state tiles of the scan: 32 or 64 rows (slots) whatever the number of programs, 16 when programs are few, or
     # 128 columns per program (no variant narrower than 64 columns: config.MIN_TILE_BYTES)
     "scan_rows32": dict(BLOCK_SCAN_M=(32, 32)),
@@ -67,16 +66,16 @@ VARIANTS = {
     # the H200 (session 13) every one of these was slower than the default: spills cost more than the occupancy gave
     "output_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "output": 168}, TILE={**config.TILE, "output": 64}),
     "output_r128": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "output": 128}, TILE={**config.TILE, "output": 64}),
-    "bwd_slots_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "bwd_slots": 168}),
-    "bwd_tokens_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "bwd_tokens": 168},
-                            NUM_STAGES={**config.NUM_STAGES, "bwd_tokens": 2}),
+    "bwd_values_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "bwd_values": 168}),
+    "bwd_keys_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "bwd_keys": 168},
+                          NUM_STAGES={**config.NUM_STAGES, "bwd_keys": 2}),
     "scan_r168": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "scan": 168}),
     "scan_r128": dict(MAX_REGISTERS={**config.MAX_REGISTERS, "scan": 128}),
     # 128-token chunks at M = 64: half the per-chunk states (the kernels move ~6 GB per fwd+bwd at hidden 2048, about
     # 2.6 GB of it states), twice the intra-chunk work per token; 8 warps for the [C, C] tiles (4 spill 10-13 KB)
     "chunk128w8": dict(CHUNK={**config.CHUNK, 64: 128},
-                       NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_slots": 8, "bwd_tokens": 8},
-                       NUM_STAGES={**config.NUM_STAGES, "output": 2, "bwd_slots": 2, "bwd_tokens": 2}),
+                       NUM_WARPS={**config.NUM_WARPS, "output": 8, "bwd_values": 8, "bwd_keys": 8},
+                       NUM_STAGES={**config.NUM_STAGES, "output": 2, "bwd_values": 2, "bwd_keys": 2}),
 }
 TUNABLES = ("CHUNK", "NUM_WARPS", "NUM_STAGES", "MAX_REGISTERS", "TILE", "LOWP_FORWARD", "LOWP_BACKWARD", "BLOCK_SCAN",
             "BLOCK_SCAN_M", "SCAN_MANY_PROGRAMS")
