@@ -1,5 +1,5 @@
-"""The triton backend's launches: the chunked forward (3 kernels) and backward (4: the scan reversed, each half of the
-state in its own launch).
+"""The triton backend's launches: the chunked forward (3 kernels) and backward (bwd_values, bwd_keys and the scan,
+reversed, once per half of the state).
 `flash_gsa.ops.custom_op` wraps them as the torch.library ops `flash_gsa::triton_fwd` / `triton_bwd`.
 
 Forward:  chunk_local (per chunk) -> chunk_scan (across chunks) -> chunk_output (per chunk).
