@@ -11,13 +11,13 @@ EXACT_ITEMS = 4  # (chunk, kv-head) pairs per program of the exact path's launch
 # still fill the GPU, and a launch with no flagged chunk starts two waves of programs rather than eight.
 TILE = {"output": 128, "bwd_values": 64, "bwd_keys": 64}  # width of the K and V tiles each kernel's
 # matrix products take (capped at K or V). From the H200 sweeps (benchmarks/tune_kernels.py, K = V = 256 and 512):
-# 128 made output 6-28% faster; bwd_tokens (then bwd_kv, with the gate gradients) was 27-51% slower at 128 (more
-# spills).
+# 128 made output 6-28% faster; the token-gradient kernel of sessions 10-15 was 27-51% slower at 128 (more spills);
+# session 16 (H200): bwd_values 0.386 -> 0.689 ms and bwd_keys 0.296 -> 0.427 ms at 128 (hidden 2048, T = 2048).
 MIN_TILE_BYTES = 128  # smallest K / V tile row (masked past K or V): 64 columns of 16-bit inputs, 32 of fp32. As
 # compiled by Triton 3.6 for an H200, narrower 16-bit tiles go wrong: 16 columns read invalid shared memory; 32
 # columns gave wrong o / dv when the kernel's other loop took wider tiles (K = 64, V = 16 or 32; dq at K = 32, V = 64)
-# and wrong dk / dv when bwd_tokens also formed dq (K = 32, grouped heads). The interpreter and memcheck saw nothing;
-# tests/test_triton_chunk.py::test_head_dim_mixes covers these on a GPU.
+# and wrong dk / dv when the token-gradient kernel also formed dq (K = 32, grouped heads). The interpreter and
+# memcheck saw nothing; tests/test_triton_chunk.py::test_head_dim_mixes covers these on a GPU.
 BLOCK_SCAN = 64  # columns of the [M, K + V] state one scan program carries
 BLOCK_SCAN_M = (32, 64)  # ... and slots (rows): the second when that still makes SCAN_MANY_PROGRAMS programs, else
 SCAN_MANY_PROGRAMS = 256  # the first. H200, both scans, whose walks form each chunk's product on the tensor cores:
@@ -31,8 +31,9 @@ SCAN_MANY_PROGRAMS = 256  # the first. H200, both scans, whose walks form each c
 # forward scan; with two chunks per step 0.40 / 0.76 ms; with pipelined loads or 8 warps slower still.)
 
 MAX_REGISTERS = {"output": 255, "bwd_values": 255, "bwd_keys": 255}  # per thread (ptxas' .maxnreg), as 255 is
-# ptxas' own limit: without the cap, the fast-path bwd_slots at M = 256 (16-token chunks) was compiled to 32
-# registers and 40 KB of spill code (255 registers and 6 KB with it; `gsa bench resources`).
+# ptxas' own limit: without the cap, the fast-path slot-gradient kernel of sessions 12-15 at M = 256 (16-token
+# chunks) was compiled to 32 registers and 40 KB of spill code (255 registers and 6 KB with it; `gsa bench
+# resources`).
 NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_values": 4, "bwd_keys": 4}
 NUM_STAGES = {"local": 1, "scan": 1, "output": 2, "bwd_values": 3, "bwd_keys": 3}
 # (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster. local has no loop; the scan issues
