@@ -24,8 +24,8 @@ The backward runs in halves, values first, as only the hk half of the reverse sc
         every term of ds and dg that is not a keys' term                            -> weights dzs * exp(b) ...
     reverse scan, hk half (weights dzs * exp(b), with q)                           -> dhk_out
     bwd_keys (per chunk and kv-head): reads q, k, the hk halves of S and dh_out once; forms dq, dk, ds and dg.
-Each token tensor and each half of the states is read by one kernel of the backward besides the scan (on the H200 the
-earlier split, a slot-level kernel and then one for every token gradient, read v, do and the hv half twice).
+Each token tensor and each half of the states is read by one kernel of the backward besides the scans (the earlier
+split, a slot-level kernel and then one for every token gradient, read v, do and the hv half twice).
 The forward saved z, lse (so p = exp(z - lse) needs no recomputation of pass 1), W = key_decay(p), q k^T and
 p * exp(b).
 Buffers written here: wq = dzs * exp(b) [NC, HQ, C, M] in q's dtype and Wd = key_decay(dzs) [NC, HQ, C, C] (dq, dk
