@@ -201,8 +201,8 @@ def _scan(sig: int, sizes: dict, parts: dict, out, b_last, init, final, layout: 
     if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
         BM = min(config.BLOCK_SCAN_M[0], M)
     grid = (tiles, M // BM, n_seq * H)
-    wk, xk = parts.get("keys", parts.get("values"))
-    wv, xv = parts.get("values", parts.get("keys"))
+    wk, xk = parts.get("keys", parts.get("values"))  # a launch of one half passes its tensors in the other's place
+    wv, xv = parts.get("values", parts.get("keys"))  # too: that half's tiles are not in its grid
     _launch(chunk_scan_kernel, grid, sig, sizes, wk, xk, wv, xv, out, b_last, init if init is not None else final,
             final, layout.cu_seqlens, layout.chunk_offsets, G=G, BM=BM, BN=BN, REVERSE=reverse,
             HAS_INIT=init is not None, FIRST_TILE=0 if "keys" in parts else nk)

@@ -94,7 +94,7 @@ def load_rows_shifted(base, shift, stride, n_rows, C: tl.constexpr, M: tl.conste
     n_rows. Returns the values (float32) and the mask."""
     rows = tl.arange(0, C)
     src = rows - shift
-    ok = (src >= 0) & (src < C) & (src < n_rows)
+    ok = (src >= 0) & (src < n_rows)  # (n_rows <= C)
     cols = tl.arange(0, M)
     x = tl.load(base + src[:, None] * stride + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     return x, ok
