@@ -180,7 +180,7 @@ def test_head_dim_mixes(device, seed, poison, K, V, G):
 @pytest.mark.parametrize("rows", [(16, 16), (64, 64)])
 def test_scan_tile_heights(device, seed, poison, monkeypatch, rows):
     """The scan's state tiles: 16 and 64 slots per program (the cases above take 32 or M; 64 is chosen only when
-    there are many walks)."""
+    there are many walks, and then the pipelined walk)."""
     monkeypatch.setattr(config, "BLOCK_SCAN_M", rows)
     monkeypatch.setattr(config, "SCAN_MANY_PROGRAMS", 0)
     check_case(CASES["varlen-T260-M64-G2"], device, seed, poison)

@@ -198,14 +198,21 @@ def _scan(sig: int, sizes: dict, parts: dict, out, b_last, init, final, layout: 
     nk, nv = config.cdiv(K, BN), config.cdiv(V, BN)
     tiles = (nk if "keys" in parts else 0) + (nv if "values" in parts else 0)
     BM = min(config.BLOCK_SCAN_M[1], M)
-    if tiles * (M // BM) * n_seq * H < config.SCAN_MANY_PROGRAMS:
+    many = tiles * (M // BM) * n_seq * H >= config.SCAN_MANY_PROGRAMS
+    if not many:
         BM = min(config.BLOCK_SCAN_M[0], M)
+    # the pipelined walk (many walks of 64-slot tiles) with as many stages as fit: each holds the G heads' [C, BM]
+    # weights and [C, BN] tokens and the chunk's BM decays
+    stage = G * layout.chunk * (BM * next(iter(parts.values()))[0].element_size() + BN * x.element_size()) + 4 * BM
+    stages = min(config.SCAN_STAGES, config.SCAN_SHARED_BYTES // stage)
+    pipelined = many and BM >= 64 and stages >= 2
     grid = (tiles, M // BM, n_seq * H)
     wk, xk = parts.get("keys", parts.get("values"))  # a launch of one half passes its tensors in the other's place
     wv, xv = parts.get("values", parts.get("keys"))  # too: that half's tiles are not in its grid
     _launch(chunk_scan_kernel, grid, sig, sizes, wk, xk, wv, xv, out, b_last, init if init is not None else final,
             final, layout.cu_seqlens, layout.chunk_offsets, G=G, BM=BM, BN=BN, REVERSE=reverse,
-            HAS_INIT=init is not None, FIRST_TILE=0 if "keys" in parts else nk)
+            HAS_INIT=init is not None, FIRST_TILE=0 if "keys" in parts else nk, PIPELINED=pipelined,
+            STAGES=stages if pipelined else 1)
 
 
 def chunk_forward(q, k, v, g, s, scale: float, init, layout: ChunkLayout):

@@ -34,6 +34,8 @@ def chunk_scan_kernel(
     REVERSE: tl.constexpr,
     HAS_INIT: tl.constexpr,
     FIRST_TILE: tl.constexpr,
+    PIPELINED: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One program per (tile [BM slots, BN columns] of the state, sequence x kv-head), walking the sequence's chunks
     in order (REVERSE: backwards). With x_c = sum over the group's G heads j of w_j[c]^T x_j[c] ([M, C] @ [C, BN]):
@@ -44,22 +46,76 @@ def chunk_scan_kernel(
     Forward (G = 1): w = s * exp(b_last - b) (chunk_local), x = k and v; out = the states entering each chunk.
     Reversed: w = p * exp(b) (chunk_output) with x = do, then w = dzs * exp(b) (bwd_values) with x = q: the gradient
     of the state entering the chunk from the chunk's own outputs; out = the gradients of the states leaving each
-    chunk."""
+    chunk.
+    Two walks (config.NUM_STAGES's note): PIPELINED, Triton's pipeliner keeps STAGES - 1 chunks' loads in flight in
+    shared memory (faster when many walks share each SM); else each walk keeps two chunks' loads ahead in registers
+    (faster when few walks, each bound by its own latency)."""
     NK: tl.constexpr = (K + BN - 1) // BN
     tile = FIRST_TILE + tl.program_id(0)
-    if tile < NK:
-        _walk(wk, xk, out, b_last, init, final, cu_seqlens, chunk_offsets, tile * BN, 0, K, H, G, K + V, M, C, BM, BN,
-              REVERSE, HAS_INIT)
+    if PIPELINED:
+        if tile < NK:  # one walk for either part, so that its pipeline buffers are allocated once
+            w, x, start, width, d0 = wk, xk, 0, K, tile * BN
+        else:
+            w, x, start, width, d0 = wv, xv, K, V, (tile - NK) * BN
+        _walk_pipelined(w, x, out, b_last, init, final, cu_seqlens, chunk_offsets, d0, start, width, H, G, K + V, M,
+                        C, BM, BN, REVERSE, HAS_INIT, STAGES)
+    elif tile < NK:
+        _walk_prefetched(wk, xk, out, b_last, init, final, cu_seqlens, chunk_offsets, tile * BN, 0, K, H, G, K + V, M,
+                         C, BM, BN, REVERSE, HAS_INIT)
     else:
-        _walk(wv, xv, out, b_last, init, final, cu_seqlens, chunk_offsets, (tile - NK) * BN, K, V, H, G, K + V, M, C,
-              BM, BN, REVERSE, HAS_INIT)
+        _walk_prefetched(wv, xv, out, b_last, init, final, cu_seqlens, chunk_offsets, (tile - NK) * BN, K, V, H, G,
+                         K + V, M, C, BM, BN, REVERSE, HAS_INIT)
 
 
 @triton.jit
-def _walk(w, x, out, b_last, init, final, cu_seqlens, chunk_offsets, d0, start: tl.constexpr, width: tl.constexpr,
-          H: tl.constexpr, G: tl.constexpr, KV: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
-          BN: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
-    """chunk_scan_kernel's walk over columns start + d0 .. start + d0 + BN of the state (masked past `width`).
+def _walk_pipelined(w, x, out, b_last, init, final, cu_seqlens, chunk_offsets, d0, start, width, H: tl.constexpr,
+                    G: tl.constexpr, KV: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STAGES: tl.constexpr):
+    """chunk_scan_kernel's walk when PIPELINED, over columns start + d0 .. start + d0 + BN of the state (masked past
+    `width`, the part's K or V; x is [T', H * G, width]).
+    Only S carries from one chunk to the next, and the walk is bound by the latency of each chunk's loads, which do
+    not depend on S: Triton's software pipeliner copies the tiles of the next STAGES - 1 chunks into shared memory
+    while the current one is added (STAGES: config.SCAN_STAGES, or fewer where they do not fit)."""
+    nh = tl.program_id(2)
+    n = nh // H
+    h = nh % H
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    cols = d0 + tl.arange(0, BN)
+    tile = rows[:, None] * KV + start + cols[None, :]
+    mask = (cols < width)[None, :]
+    lo = tl.load(chunk_offsets + n)
+    n_chunks = tl.load(chunk_offsets + n + 1) - lo
+    seq_start = tl.load(cu_seqlens + n)
+    seq_end = tl.load(cu_seqlens + n + 1)
+    if HAS_INIT:
+        S = tl.load(init + nh * M * KV + tile, mask=mask, other=0.0)
+    else:
+        S = tl.zeros([BM, BN], dtype=tl.float32)
+    for p in tl.range(0, n_chunks, num_stages=STAGES):  # p: position in the walk
+        c = _chunk(lo, n_chunks, p, REVERSE)
+        t0 = seq_start + (c - lo) * C
+        n_rows = tl.minimum(seq_end - t0, C)
+        add = tl.zeros([BM, BN], dtype=tl.float32)
+        for j in tl.static_range(G):  # the group's heads: w_j^T x_j, [BM, C] @ [C, BN]
+            wt = tl.load(w + (c * H * G + h * G + j) * C * M + tl.arange(0, C)[:, None] * M + rows[None, :])
+            xt = tl.load(x + (t0 + tl.arange(0, C))[:, None] * (H * G * width) + (h * G + j) * width + cols[None, :],
+                         mask=(tl.arange(0, C) < n_rows)[:, None] & mask, other=0.0)
+            add += dot(tl.trans(wt), xt)
+        # exp(b_last) [BM], loaded as a [BM, 1] tile: Triton 3.6 pipelines that load, but not a 1-D one
+        last = tl.load(b_last + (c * H + h) * M + rows[:, None] + tl.zeros([1, 1], dtype=tl.int32))
+        decay = tl.exp(tl.sum(last, axis=1))
+        tl.store(out + (c * H + h) * M * KV + tile, S.to(out.dtype.element_ty), mask=mask)
+        S = S * decay[:, None] + add
+    tl.store(final + nh * M * KV + tile, S, mask=mask)
+
+
+@triton.jit
+def _walk_prefetched(w, x, out, b_last, init, final, cu_seqlens, chunk_offsets, d0, start: tl.constexpr,
+                     width: tl.constexpr, H: tl.constexpr, G: tl.constexpr, KV: tl.constexpr, M: tl.constexpr,
+                     C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, REVERSE: tl.constexpr,
+                     HAS_INIT: tl.constexpr):
+    """chunk_scan_kernel's walk when not PIPELINED, over columns start + d0 .. start + d0 + BN of the state (masked
+    past `width`).
     Only S carries from one chunk to the next; the walk is bound by the latency of each chunk's loads. So it goes two
     chunks per step, and a step first issues the loads of the next two chunks, then updates S with the two whose
     loads the previous step issued (four chunks' loads in flight). (Loads issued after a step's stores made the
@@ -132,3 +188,10 @@ def _step(S, p, inputs, seq, w, x, out, h, rows, tile, mask, d0, width: tl.const
                    load_tile(x, t0, h * G + j, H * G, width, d0, n_rows, C, BN))
     tl.store(out + (c * H + h) * M * KV + tile, S.to(out.dtype.element_ty), mask=mask & live)
     return S * decay[:, None] + add
+
+
+@triton.jit
+def _chunk(lo, n_chunks, p, REVERSE: tl.constexpr):
+    """The chunk at walk position p of the sequence whose chunks are lo .. lo + n_chunks."""
+    return lo + n_chunks - 1 - p if REVERSE else lo + p
+
