@@ -54,7 +54,9 @@ def test_largest_shapes_fit_h100_shared_memory(tmp_path, dtype, shapes):
     for shape in shapes:
         K, V, M = (int(x) for x in shape.split(","))
         found = {r["kernel"] for r in records if (r["K"], r["V"], r["M"]) == (K, V, M)}
-        assert found == kernels, f"{shape}: compiled {sorted(found)}"
+        # the scan's pipelined walk (many programs of 64-slot tiles) exists from M = 64 on
+        expected = kernels | ({"chunk_scan_kernel (pipelined)"} if M >= 64 else set())
+        assert found == expected, f"{shape}: compiled {sorted(found)}"
     model_kernels = {"cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel", "rms_norm_fwd_kernel",
                      "rms_norm_bwd_kernel"}
     assert model_kernels <= {r["kernel"] for r in records}

@@ -160,11 +160,33 @@ def training_kernel_resources(
     with offline_compilation(arch) as compiled:
         o, _, saved = chunk_forward(q, k, v, g, s, 1.0, None, layout)
         chunk_backward(q, k, v, s, torch.randn_like(o), None, saved, 1.0, layout, g.dtype)
+        if M >= 64:
+            _pipelined_scan(q, k, v, g, saved[1], layout)
     launched = {}  # the last compilation of each kernel: the one that launches (the scan's two directions share it)
     for name, const, kernel in compiled:
         name += " (exact path)" if const.get("EXACT") else ""  # the kernels compiled for each intra-chunk path
-        launched[name] = kernel
-    return [_record(name, kernel, K, V, M, arch, dtype) for name, kernel in launched.items()]
+        name += " (pipelined)" if const.get("PIPELINED") else ""  # the scan's walk when there are many programs
+        launched[name] = kernel, const.get("STAGES") if const.get("PIPELINED") else None
+    return [_record(name, kernel, K, V, M, arch, dtype, stages) for name, (kernel, stages) in launched.items()]
+
+
+def _pipelined_scan(q, k, v, g, b_last, layout) -> None:
+    """Launches (inside offline_compilation: compiles) the forward scan as it runs when the state splits into many
+    tiles of 64 slots, its pipelined walk, whose stages take shared memory."""
+    from ..ops.triton import config, function
+
+    H, M, K, V = k.shape[-2], g.shape[-1], k.shape[-1], v.shape[-1]
+    sizes = function._sizes(q, k, v, M, layout, config.LOWP_FORWARD)
+    sig = function.signature(sizes, (q, k, v, g), "pipelined")
+    w = torch.zeros(layout.num_chunks, H, layout.chunk, M, dtype=k.dtype)
+    states = torch.empty(layout.num_chunks, H, M, K + V, dtype=function.state_dtype(q.dtype))
+    final = torch.empty(layout.cu_seqlens.numel() - 1, H, M, K + V)
+    many, config.SCAN_MANY_PROGRAMS = config.SCAN_MANY_PROGRAMS, 0
+    try:
+        function._scan(sig, sizes, {"keys": (w, k), "values": (w, v)}, states, b_last, None, final, layout, H, 1,
+                       reverse=False)
+    finally:
+        config.SCAN_MANY_PROGRAMS = many
 
 
 def decode_kernel_resources(
@@ -201,13 +223,15 @@ def model_kernel_resources(vocab: int = 32000, hidden: int = 1024, *, arch: int 
     return [_record(name, kernel, 0, 0, 0, arch) for name, _, kernel in compiled]
 
 
-def _record(name: str, kernel, K: int, V: int, M: int, arch: int, dtype: torch.dtype | None = None) -> KernelResources:
+def _record(name: str, kernel, K: int, V: int, M: int, arch: int, dtype: torch.dtype | None = None,
+            stages: int | None = None) -> KernelResources:
+    """`stages`: those of the kernel's pipelined loop where the loop sets its own (the scan's pipelined walk)."""
     md = kernel.metadata
     return KernelResources(
         name, K, V, M, md.num_warps, md.shared, **_ptxas_report(kernel.asm["ptx"], arch),
         fits=md.shared <= _shared_limit(arch),
         shared_per_sm=SHARED_PER_SM.get(arch, SHARED_PER_SM[90]),
-        num_stages=md.num_stages, dtype="" if dtype is None else str(dtype).removeprefix("torch."),
+        num_stages=stages or md.num_stages, dtype="" if dtype is None else str(dtype).removeprefix("torch."),
     )
 
 
