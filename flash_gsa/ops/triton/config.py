@@ -38,17 +38,18 @@ NUM_WARPS = {"local": 4, "scan": 4, "output": 4, "bwd_values": 4, "bwd_keys": 4}
 NUM_STAGES = {"local": 1, "scan": 1, "output": 2, "bwd_values": 3, "bwd_keys": 3}
 # (output 1 -> 2 and backward 2 -> 3 in the H200 sweep: fwd+bwd 1-5% faster. local has no loop; the scan's
 # prefetched walk issues its loads ahead by hand, which leaves nothing for Triton's pipelining to take.)
-SCAN_STAGES = 6  # stages of the scan's pipelined walk (scan.py), taken when the state splits into at least
-# SCAN_MANY_PROGRAMS tiles of 64 slots; otherwise each walk issues its loads two chunks ahead by hand. H200, hidden
-# 2048: at T = 2048 (1024 / 512 programs) the pipelined walk took the forward / reverse scans from 0.174 / 0.088 ms to
-# 0.158 / 0.087 (4 stages) and 0.152 / 0.080 (6 stages); at T = 8192 the reverse scans (256 programs of 32 slots) took
-# 0.153 against 0.117 ms, and at T = 32768 all scans 1.52 against 1.03 ms (4 stages; 16-slot tiles did not help).
-SCAN_SHARED_BYTES = 160 * 1024  # shared memory the pipelined scan's stages may take (fewer stages where they don't
-# fit: fp32 tiles, grouped heads; the prefetched walk below two); an A100 has 163 KiB per block, an H100 227
 # 4 warps everywhere: at 8 warps the heavy kernels as compiled by Triton 3.6 for an H200 went wrong at M = 16 and 32
 # (invalid shared-memory reads in key_decay's tf32 product under compute-sanitizer; wrong dg at M = 32 with grouped
 # heads), which the interpreter cannot see. (On an H100, 8 warps had been 15-25% faster at M = 64; on the H200, with
 # one matrix product per intra-chunk form, 8 warps at M = 64 made fwd+bwd 2-16% slower.)
+SCAN_STAGES = 6  # stages of the scan's pipelined walk (scan.py), taken when the state splits into at least
+# SCAN_MANY_PROGRAMS tiles of 64 slots; otherwise each walk issues its loads two chunks ahead by hand. H200, hidden
+# 2048: at T = 2048 (1024 / 512 programs) the pipelined walk took the forward / reverse scans from 0.174 / 0.084-0.090
+# ms to 0.158 / 0.087 (4 stages) and 0.152 / 0.079-0.080 (6 stages); at T = 8192 the reverse scans (256 programs of 32
+# slots) took 0.153 against 0.114-0.121 ms, and at T = 32768 all scans 1.52 against 1.03 ms (4 stages; 16-slot tiles
+# did not help).
+SCAN_SHARED_BYTES = 160 * 1024  # shared memory the pipelined scan's stages may take (fewer stages where they don't
+# fit: fp32 tiles, grouped heads; the prefetched walk below two); an A100 has 163 KiB per block, an H100 227
 # bf16 operands for the intra-chunk products of 16-bit inputs (else fp32, i.e. tf32 on tensor cores). The H100
 # benchmark in benchmarks/results was measured with both False; bf16 in the backward raised the gate gradient's
 # error from ~2e-2 to ~4e-2 at T = 2048.
