@@ -47,7 +47,7 @@ def chunk_scan_kernel(
     Reversed: w = p * exp(b) (chunk_output) with x = do, then w = dzs * exp(b) (bwd_values) with x = q: the gradient
     of the state entering the chunk from the chunk's own outputs; out = the gradients of the states leaving each
     chunk.
-    Two walks (config.NUM_STAGES's note): PIPELINED, Triton's pipeliner keeps STAGES - 1 chunks' loads in flight in
+    Two walks (config.SCAN_STAGES's note): PIPELINED, Triton's pipeliner keeps STAGES - 1 chunks' loads in flight in
     shared memory (faster when many walks share each SM); else each walk keeps two chunks' loads ahead in registers
     (faster when few walks, each bound by its own latency)."""
     NK: tl.constexpr = (K + BN - 1) // BN
@@ -98,6 +98,7 @@ def _walk_pipelined(w, x, out, b_last, init, final, cu_seqlens, chunk_offsets, d
         add = tl.zeros([BM, BN], dtype=tl.float32)
         for j in tl.static_range(G):  # the group's heads: w_j^T x_j, [BM, C] @ [C, BN]
             wt = tl.load(w + (c * H * G + h * G + j) * C * M + tl.arange(0, C)[:, None] * M + rows[None, :])
+            # (tiles.load_tile's row width is a compile-time size; here it is the part's, K or V, known at run time)
             xt = tl.load(x + (t0 + tl.arange(0, C))[:, None] * (H * G * width) + (h * G + j) * width + cols[None, :],
                          mask=(tl.arange(0, C) < n_rows)[:, None] & mask, other=0.0)
             add += dot(tl.trans(wt), xt)
@@ -151,7 +152,7 @@ def _chunk_at(p, seq, C: tl.constexpr, REVERSE: tl.constexpr):
     nothing)."""
     lo, n_chunks, seq_start, seq_end = seq
     live = p < n_chunks
-    c = lo + n_chunks - 1 - p if REVERSE else lo + p
+    c = _chunk(lo, n_chunks, p, REVERSE)
     t0 = seq_start + (c - lo) * C
     return c, live, t0, tl.where(live, tl.minimum(seq_end - t0, C), 0)
 
