@@ -8,7 +8,9 @@
 #    and the fla comparison, which autotunes for minutes, are left out; run the latter alone with
 #    `pytest tests/test_triton_chunk.py -k fla -s`);
 # 2. the kernel tests once more under compute-sanitizer's memcheck (-x: the first bad access names kernel and line);
-# 3. with two GPUs or more, the tests that put tensors on a GPU that is not the current one (both GPUs visible).
+# 3. with two GPUs or more, the tests that put tensors on a GPU that is not the current one (both GPUs visible);
+# 4. with FLA=1, after the others, the comparison with fla's chunk_gsa (fla-core from .carry/wheels, installed as the op
+#    bench does; fla's Triton cache, with its autotuning results, from benchmarks/peer_cache.sh).
 # Writes gpu_tests.log, memcheck.log (and multi_gpu.log) to $OUT (default: benchmarks/results/gpu_checks) and prints a summary.
 # Steps 1 and 2 run side by side: one GPU each when there are two, else both on the one GPU (an H200 holds both).
 # Exit status: non-zero if any step failed.
@@ -51,4 +53,20 @@ echo "== tests on the GPU (exit $tests_status): $OUT/gpu_tests.log"
 grep -E "^(FAILED|ERROR)|relative errors of|[0-9]+ (passed|failed)" "$OUT/gpu_tests.log" | cut -c1-240
 echo "== memcheck (exit $memcheck): $OUT/memcheck.log"
 grep -E "Invalid|^=========     at |ERROR SUMMARY|[0-9]+ (passed|failed)" "$OUT/memcheck.log" | head -n 12
-[ "$tests_status" -eq 0 ] && [ "$memcheck" -eq 0 ] && [ "$multi" -eq 0 ]
+fla=0
+if [ "${FLA:-0}" = 1 ]; then
+    shopt -s nullglob
+    wheels=(.carry/wheels/fla_core-*.whl)
+    [ ${#wheels[@]} -gt 0 ] && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "${wheels[@]}"
+    LOG="$OUT/fla.log"
+    # shellcheck source=benchmarks/peer_cache.sh
+    source benchmarks/peer_cache.sh
+    unpack_peer_cache
+    PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" TRITON_CACHE_DIR="$PEER_CACHE" $PY -m pytest -p no:cacheprovider \
+        -p no:xdist -s -rfEs -k fla tests/test_triton_chunk.py >> "$LOG" 2>&1
+    fla=$?
+    echo "== fla comparison (exit $fla): $LOG"
+    grep -E "ours .* fla |^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed|skipped)" "$LOG" | cut -c1-240
+fi
+[ "$tests_status" -eq 0 ] && [ "$memcheck" -eq 0 ] && [ "$multi" -eq 0 ] && [ "$fla" -eq 0 ]
