@@ -192,7 +192,7 @@ def _scan(sig: int, sizes: dict, parts: dict, out, b_last, init, final, layout: 
     `init` (same layout) or 0."""
     M, K, V = out.shape[-2], sizes["K"], sizes["V"]
     n_seq = layout.cu_seqlens.numel() - 1
-    x = next(iter(parts.values()))[1]
+    w, x = next(iter(parts.values()))
     # columns of one scan tile; the K part's tiles come first, then the V part's
     BN = _width(config.BLOCK_SCAN, max(K, V), x.element_size())
     nk, nv = config.cdiv(K, BN), config.cdiv(V, BN)
@@ -201,9 +201,9 @@ def _scan(sig: int, sizes: dict, parts: dict, out, b_last, init, final, layout: 
     many = tiles * (M // BM) * n_seq * H >= config.SCAN_MANY_PROGRAMS
     if not many:
         BM = min(config.BLOCK_SCAN_M[0], M)
-    # the pipelined walk (many walks of 64-slot tiles) with as many stages as fit: each holds the G heads' [C, BM]
-    # weights and [C, BN] tokens and the chunk's BM decays
-    stage = G * layout.chunk * (BM * next(iter(parts.values()))[0].element_size() + BN * x.element_size()) + 4 * BM
+    # the pipelined walk for many walks of 64-slot tiles (measured slower with fewer or smaller), with as many stages
+    # as fit: each holds the G heads' [C, BM] weights and [C, BN] tokens and the chunk's BM decays
+    stage = G * layout.chunk * (BM * w.element_size() + BN * x.element_size()) + 4 * BM
     stages = min(config.SCAN_STAGES, config.SCAN_SHARED_BYTES // stage)
     pipelined = many and BM >= 64 and stages >= 2
     grid = (tiles, M // BM, n_seq * H)
