@@ -4,7 +4,7 @@
 # (*.autotune.json only) from an H200 with torch 2.11 and triton 3.6, for the op bench's hidden-1024 shapes and the
 # decoding step (session 14). Triton finds them only where its cache keys match (same fla, triton and GPU
 # architecture); other shapes are tuned on first use as before. They save a fresh machine minutes of fla's tuning.
-# Needs $PY, $LOG and $OUT; sets $PEER_CACHE.
+# Also installs fla's carried wheels (install_fla_wheels). Needs $PY, $LOG and $OUT; sets $PEER_CACHE.
 
 PEER_CACHE=$($PY -c 'from flash_gsa.bench.record import PEER_CACHE_DIR; print(PEER_CACHE_DIR)')
 
@@ -35,4 +35,15 @@ pack_peer_cache() {
         if [ "$size" -le "$limit" ]; then cp /tmp/peer_triton_cache.tar.gz "$OUT/"; else what="nothing (too big)"; fi
         echo "peer Triton cache: $(du -sh "$PEER_CACHE" | cut -f1), packed $((size / 1024)) KiB: $what" | tee -a "$LOG"
     fi
+}
+
+# Installs those of the given wheel files that exist into /tmp/site, with one pip call (fla-core and
+# flash-linear-attention share the fla/ folder, which --target --upgrade replaces per call), and puts /tmp/site on
+# PYTHONPATH (--no-deps: the machine's torch and triton stay). Returns 1 when none exists.
+install_fla_wheels() {
+    local wheels=() wheel
+    for wheel in "$@"; do [ -f "$wheel" ] && wheels+=("$wheel"); done
+    [ ${#wheels[@]} -gt 0 ] || return 1
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
+    case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" ;; esac
 }

@@ -55,16 +55,13 @@ echo "== memcheck (exit $memcheck): $OUT/memcheck.log"
 grep -E "Invalid|^=========     at |ERROR SUMMARY|[0-9]+ (passed|failed)" "$OUT/memcheck.log" | head -n 12
 fla=0
 if [ "${FLA:-0}" = 1 ]; then
-    shopt -s nullglob
-    wheels=(.carry/wheels/fla_core-*.whl)
-    [ ${#wheels[@]} -gt 0 ] && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "${wheels[@]}"
     LOG="$OUT/fla.log"
     # shellcheck source=benchmarks/peer_cache.sh
     source benchmarks/peer_cache.sh
+    install_fla_wheels .carry/wheels/fla_core-*.whl || echo "no .carry/wheels/fla_core-*.whl" >> "$LOG"
     unpack_peer_cache
-    PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" TRITON_CACHE_DIR="$PEER_CACHE" $PY -m pytest -p no:cacheprovider \
-        -p no:xdist -s -rfEs -k fla tests/test_triton_chunk.py >> "$LOG" 2>&1
+    TRITON_CACHE_DIR="$PEER_CACHE" $PY -m pytest -p no:cacheprovider -p no:xdist -s -rfEs -k fla \
+        tests/test_triton_chunk.py >> "$LOG" 2>&1
     fla=$?
     echo "== fla comparison (exit $fla): $LOG"
     grep -E "ours .* fla |^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed|skipped)" "$LOG" | cut -c1-240

@@ -31,18 +31,11 @@ phase=${1:-all}
 [ $# -gt 0 ] && shift
 case "$phase" in all|warmup|bench) ;; *) echo "usage: $0 [all|warmup|bench] [args]" >&2; exit 2 ;; esac
 
-shopt -s nullglob
-wheels=(.carry/wheels/fla_core-*.whl)
-if [ ${#wheels[@]} -gt 0 ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-else
-    echo "no .carry/wheels/fla_core-*.whl: the fla peers will be recorded as skipped" | tee -a "$LOG"
-fi
-export PYTHONUNBUFFERED=1
-
 # shellcheck source=benchmarks/peer_cache.sh
 source benchmarks/peer_cache.sh
+install_fla_wheels .carry/wheels/fla_core-*.whl ||
+    echo "no .carry/wheels/fla_core-*.whl: the fla peers will be recorded as skipped" | tee -a "$LOG"
+export PYTHONUNBUFFERED=1
 unpack_peer_cache
 $PY - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, triton

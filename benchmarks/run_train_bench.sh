@@ -39,23 +39,15 @@ phase=${1:-all}
 case "$phase" in all|warmup|bench) ;; *) echo "usage: $0 [warmup|bench|all] [args]" >&2; exit 2 ;; esac
 START=$(mktemp /tmp/train_bench_start.XXXXXX)  # results newer than this are this run's
 
+# shellcheck source=benchmarks/peer_cache.sh
+source benchmarks/peer_cache.sh
 if [ -d /tmp/site ]; then export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"; fi
 if ! $PY -c 'import fla.models' >/dev/null 2>&1; then
-    shopt -s nullglob
-    wheels=(.carry/wheels/fla_core-*.whl .carry/wheels/flash_linear_attention-*.whl)
-    if [ ${#wheels[@]} -gt 0 ]; then
-        # one pip call for both wheels: they share the fla/ folder, which --target --upgrade replaces per call
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            "${wheels[@]}"
-        case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" ;; esac
-    else
+    install_fla_wheels .carry/wheels/fla_core-*.whl .carry/wheels/flash_linear_attention-*.whl ||
         echo "no fla wheels in .carry/wheels: fla-GSAForCausalLM will be recorded as skipped" | tee -a "$LOG"
-    fi
 fi
 export PYTHONUNBUFFERED=1
 
-# shellcheck source=benchmarks/peer_cache.sh
-source benchmarks/peer_cache.sh
 unpack_peer_cache
 $PY - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, transformers, triton
