@@ -3,6 +3,7 @@
 # cannot see errors of the compiled code (on 2026-11-30 it passed kernels that read invalid shared memory on an H200).
 #
 #   bash benchmarks/run_gpu_checks.sh          # about 3-4 minutes on an H200 (first compiles included)
+#   FLA=1 bash benchmarks/run_gpu_checks.sh    # and the fla comparison after them: about 2.5 minutes more
 #
 # 1. the CUDA-relevant test files, compiled for the GPU (pytest-xdist, WORKERS processes; the slow CPU-process tests
 #    and the fla comparison, which autotunes for minutes, are left out; run the latter alone with
