@@ -46,6 +46,7 @@ VARIANTS = {
     "no_maxnreg": dict(MAX_REGISTERS={}),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
     "lowp": dict(LOWP_FORWARD=True, LOWP_BACKWARD=True),
+    "lowp_backward": dict(LOWP_BACKWARD=True),  # bwd_values' four intra-chunk products only
     # 32-token chunks at M = 64: [C, C] and [C, M] tiles of half the size (the heavy kernels are register-bound at
     # 64: 255 registers and spills), twice the chunks (states, scan steps)
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
