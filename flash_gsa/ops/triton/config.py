@@ -49,7 +49,8 @@ SCAN_STAGES = 6  # stages of the scan's pipelined walk (scan.py), taken when the
 # slots) took 0.153 against 0.114-0.121 ms, and at T = 32768 all scans 1.52 against 1.03 ms (4 stages; 16-slot tiles
 # did not help).
 SCAN_SHARED_BYTES = 160 * 1024  # shared memory the pipelined scan's stages may take (fewer stages where they don't
-# fit: fp32 tiles, grouped heads; the prefetched walk below two); an A100 has 163 KiB per block, an H100 227
+# fit: fp32 tiles, grouped heads; the prefetched walk below two); an A100 has 163 KiB per block, an H100 227 KiB.
+
 # bf16 operands for the intra-chunk products of 16-bit inputs (else fp32, i.e. tf32 on tensor cores). The H100
 # benchmark in benchmarks/results was measured with both False; bf16 in the backward raised the gate gradient's
 # error from ~2e-2 to ~4e-2 at T = 2048. H200, session 18 (bwd_values' four products): bwd_values 0.301 -> 0.270 ms
