@@ -46,7 +46,9 @@ VARIANTS = {
     "no_maxnreg": dict(MAX_REGISTERS={}),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
     "lowp": dict(LOWP_FORWARD=True, LOWP_BACKWARD=True),
-    "lowp_backward": dict(LOWP_BACKWARD=True),  # bwd_values' four intra-chunk products only
+    # bwd_values' four intra-chunk products only: bf16 (the default since session 19) or tf32
+    "lowp_backward": dict(LOWP_BACKWARD=True),
+    "tf32_backward": dict(LOWP_BACKWARD=False),
     # 32-token chunks at M = 64: [C, C] and [C, M] tiles of half the size (the heavy kernels are register-bound at
     # 64: 255 registers and spills), twice the chunks (states, scan steps)
     "chunk32": dict(CHUNK={**config.CHUNK, 64: 32}),
@@ -160,7 +162,7 @@ def main() -> None:
             print(f"{name:15s} {shape}: " + (row.get("error") or
                   f"{row['ms']:.3f} ms fwd+bwd, first call {row['first_call_s']:.1f} s, "
                   f"diff {row['max_rel_diff_vs_first']:.1e}; " +
-                  ", ".join(f"{k.removesuffix('_kernel')} {t:.3f}" for k, t in row["kernels_ms"][:6])), flush=True)
+                  ", ".join(f"{k.removesuffix('_kernel')} {t:.3f}" for k, t in row["kernels_ms"][:8])), flush=True)
     for key, value in base.items():
         setattr(config, key, value)
     path = os.path.join(a.out, "tune_kernels.json")
