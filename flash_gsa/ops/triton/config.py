@@ -57,7 +57,8 @@ SCAN_SHARED_BYTES = 160 * 1024  # shared memory the pipelined scan's stages may 
 # (hidden 1024) and 0.385 -> 0.357 ms (hidden 2048) at T = 2048; errors against float64 at T = 8192 (the real-size
 # test; before, the fla comparison's, whose g and s are bf16): dq 3.6e-3 -> 4.1e-3, dg 4.1e-3 -> 5.1e-3. Session 19
 # (benchmarks/results/tune_kernels_nvidia-h200-session19.json): fwd+bwd 1.333 -> 1.303 ms at hidden 2048, T = 2048;
-# taken for the backward, which the 3x-over-fla target needs there (fla took 3.95-4.04 ms in the last runs).
+# taken for the backward, which the 3x-over-fla target needs there (fla took 3.95-4.04 ms in the last runs), where
+# M and the chunk are at least 64 (function._sizes: narrower bf16 operands went wrong on the H200).
 # (Also measured in session 19 and dropped: bwd_values split after its tile loop, the per-chunk epilogue in a kernel
 # of its own, bwd_logits, 0.144 ms at 255 registers, latency-bound as before: the two took 0.37 against 0.385 ms,
 # and bwd_keys 0.01 ms more for the values' state terms it then read; fwd+bwd 1.329 against 1.333 ms, 1.301 with bf16

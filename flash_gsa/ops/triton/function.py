@@ -179,7 +179,10 @@ def _sizes(q, k, v, M: int, layout: ChunkLayout, lowp: bool) -> dict:
         V=V,
         M=M,
         C=layout.chunk,
-        LOWP=lowp and q.dtype != torch.float32,
+        # bf16 operands only where each [C, M] and [C, C] operand row is at least config.MIN_TILE_BYTES wide: at M = 32
+        # (T = 65, varlen) Triton 3.6's bf16 products gave dq 0.88 off on an H200 (session 19), as narrow 16-bit token
+        # tiles did before
+        LOWP=lowp and q.dtype != torch.float32 and 2 * min(M, layout.chunk) >= config.MIN_TILE_BYTES,
     )
 
 
