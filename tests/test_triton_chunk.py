@@ -220,6 +220,20 @@ def check_case(c: Case, device, seed, poison):
         assert torch.equal(outs[1][n], h0[0][n]) and torch.equal(outs[2][n], h0[1][n])
 
 
+@pytest.mark.parametrize("M", [16, 32, 64, 128, 256])
+def test_bf16_products_only_on_wide_tiles(M):
+    """bf16 operands for the intra-chunk products (config.LOWP_*) only where every [C, M] and [C, C] operand row is at
+    least config.MIN_TILE_BYTES wide: narrower bf16 products gave wrong gradients on an H200 (M = 32), which the
+    interpreter cannot see. Never for fp32 inputs."""
+    layout = function.layout_for(1, 64, None, M, "cpu")
+    wide = 2 * min(M, layout.chunk) >= config.MIN_TILE_BYTES
+    for dtype, expected in ((torch.bfloat16, wide), (torch.float16, wide), (torch.float32, False)):
+        q = torch.empty(1, 64, 2, 32, dtype=dtype)
+        assert function._sizes(q, q, q, M, layout, True)["LOWP"] is expected, (M, dtype)
+        assert function._sizes(q, q, q, M, layout, False)["LOWP"] is False
+    assert wide is (M in (64, 128))  # (chunks of 64 tokens up to M = 128, of 16 at M = 256)
+
+
 def test_rejects_unsupported_sizes(device):
     c = Case(T=3, M=16)
     (q, k, v, g, s), _ = make_inputs(c, device)
