@@ -46,8 +46,7 @@ VARIANTS = {
     "no_maxnreg": dict(MAX_REGISTERS={}),
     # bf16 operands for the intra-chunk products of 16-bit inputs (tf32 otherwise)
     "lowp": dict(LOWP_FORWARD=True, LOWP_BACKWARD=True),
-    # bwd_values' four intra-chunk products only: bf16 (the default since session 19) or tf32
-    "lowp_backward": dict(LOWP_BACKWARD=True),
+    # tf32 for bwd_values' four intra-chunk products (bf16, the default since session 19; before, "lowp_backward")
     "tf32_backward": dict(LOWP_BACKWARD=False),
     # 32-token chunks at M = 64: [C, C] and [C, M] tiles of half the size (the heavy kernels are register-bound at
     # 64: 255 registers and spills), twice the chunks (states, scan steps)

@@ -195,4 +195,3 @@ def _step(S, p, inputs, seq, w, x, out, h, rows, tile, mask, d0, width: tl.const
 def _chunk(lo, n_chunks, p, REVERSE: tl.constexpr):
     """The chunk at walk position p of the sequence whose chunks are lo .. lo + n_chunks."""
     return lo + n_chunks - 1 - p if REVERSE else lo + p
-
